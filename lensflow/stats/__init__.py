@@ -18,7 +18,8 @@ Conventions
   2ℓ_min = 2·2π/L to ℓ_Nyquist = π/pixel; edges that would leave a bin without lattice modes are
   dropped, and ``power_spectrum`` rejects empty bins.
 * Smoothing: Gaussian of standard deviation σ (not FWHM), sampled and truncated at 4σ with unit sum
-  (the weights of ``scipy.ndimage.gaussian_filter``), applied by FFT.  Boundary: zero outside the map
+  (the weights of ``scipy.ndimage.gaussian_filter``), applied as separable sums (narrow kernels)
+  or by FFT (wide ones).  Boundary: zero outside the map
   (``periodic=False``) or periodic.
 * Shape noise: white, σ_pix = σ_e / sqrt(n_gal A_pix), σ_e per ellipticity component, n_gal per
   arcmin²; after smoothing σ_noise = σ_e / sqrt(4π σ_s² n_gal) (``smoothed_noise_sigma``), the usual

@@ -67,7 +67,9 @@ def _direct(x: torch.Tensor, w: np.ndarray, periodic: bool) -> torch.Tensor:
     """Separable convolution of [N, H, W] maps with the 1-D kernel ``w`` by shifted, weighted sums."""
     r = (w.size - 1) // 2
     weights = w.tolist()
-    mode = "circular" if periodic else "constant"
+    if not periodic:
+        return _direct_zero(x, weights, r)
+    mode = "circular"
     npix = x.shape[-1]
     xp = F.pad(x.unsqueeze(1), (r, r, 0, 0), mode=mode).squeeze(1)
     y = xp[..., r : r + npix] * weights[r]
@@ -79,6 +81,29 @@ def _direct(x: torch.Tensor, w: np.ndarray, periodic: bool) -> torch.Tensor:
     for j, wj in enumerate(weights):
         if j != r:
             z.add_(yp[..., j : j + npix, :], alpha=wj)
+    return z
+
+
+def _direct_zero(x: torch.Tensor, weights: list[float], r: int) -> torch.Tensor:
+    """:func:`_direct` with zero boundary, without padded copies: each tap adds into the part of the
+    output it reaches.  Taps are added in the same order as over a zero-padded map (the skipped
+    terms are exact zeros), so the sums are identical."""
+    npix = x.shape[-1]
+    y = x * weights[r]
+    for j, wj in enumerate(weights):
+        k = j - r  # output pixel i takes x[i + k]
+        if k < 0 and -k < npix:
+            y[..., -k:].add_(x[..., : npix + k], alpha=wj)
+        elif 0 < k < npix:
+            y[..., : npix - k].add_(x[..., k:], alpha=wj)
+    h = x.shape[-2]
+    z = y * weights[r]
+    for j, wj in enumerate(weights):
+        k = j - r
+        if k < 0 and -k < h:
+            z[..., -k:, :].add_(y[..., : h + k, :], alpha=wj)
+        elif 0 < k < h:
+            z[..., : h - k, :].add_(y[..., k:, :], alpha=wj)
     return z
 
 
