@@ -1,0 +1,185 @@
+"""Benchmark ``generate``: mock maps per second of the ``kappa`` and ``kappa_quick`` Glow models.
+
+For each model (the architecture of ``conf/experiment/NAME.yaml`` with random weights: throughput does
+not depend on training; or a trained checkpoint via ``ckpt``) and device (CPU, and CUDA when present):
+
+* ``lensflow generate``: :func:`lensflow.generate.generate` end to end, in one process: checkpoint load
+  and sha256, per-map seeded latent streams, batched sampling, the finite check, one atomic HDF5 part per
+  batch and the final merge into the output store.
+* baseline ``one map per call``: the same model and weights drawing one map per ``module.sample(1)``
+  call, no I/O -- the loop a user writes to get one reproducible stream per map without batching.
+* baseline ``batched sample, no streams/I/O``: one ``module.sample(B)`` per batch from a single
+  generator, no per-map streams, nothing written -- the upper bound; its ratio (< 1) is the cost of
+  determinism per map, the checks and the I/O.
+
+Both measurements run in the same process on the same weights; timings on CUDA synchronise the device.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_DEFAULT_BATCH = {"cpu": 16, "cuda": 256}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _experiment(name: str) -> Any:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
+            return compose(config_name="train", overrides=[f"+experiment={name}"])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def build_module(name: str, seed: int = 0) -> Any:
+    """A GlowModule with the architecture and map geometry of experiment ``name`` and random weights.
+
+    The normalisation is fitted and ActNorm initialised on synthetic shifted-lognormal maps of the
+    experiment's size, so sampling runs the same operations as a trained model.
+    """
+    from omegaconf import OmegaConf
+
+    from lensflow.module import GlowModule
+
+    cfg = _experiment(name)
+    sim = cfg.data.simulate
+    # one channel per source bin; NaN redshift for an n(z) bin
+    zs = [float(z) if isinstance(z, (int, float)) else float("nan") for z in sim.sim.z_source]
+    npix = int(sim.npix)
+    names = list(cfg.data.cond or [])
+    grid = OmegaConf.to_container(sim.grid, resolve=True) if sim.get("grid") else {}
+    map_meta = {"channels": len(zs), "npix": npix, "pixel_arcmin": float(sim.pixel_arcmin),
+                "source_redshifts": zs, "periodic": bool(sim.sim.get("periodic", False)),
+                "kind": "simulation", "store": None}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    module = GlowModule(model=model, map_meta=map_meta, param_names=names, check={"every": 0, "final": False},
+                        seed=seed)
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((4, len(zs), npix, npix))  # 4 x npix^2 pixels: plenty for ActNorm statistics
+    maps = (0.02 * (np.exp(0.8 * g - 0.32) - 1.0)).astype(np.float32)  # shifted lognormal, shift 0.02
+    mean = [float(np.mean(grid[n])) if n in grid else 0.3 for n in names]
+    module.fit_normalization(maps, mean, [0.05] * len(names))
+    cond = None
+    if names:
+        cond = module.normalize_cond({n: m for n, m in zip(names, mean, strict=True)}, n=maps.shape[0])
+    module.initialize(torch.as_tensor(maps), cond)
+    return module.eval()
+
+
+def _save_checkpoint(module: Any, path: Path) -> Path:
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _cond(module: Any) -> dict[str, float] | None:
+    if not module.param_names:
+        return None
+    mean = module.cond_mean.detach().cpu().numpy()
+    return {n: float(m) for n, m in zip(module.param_names, mean, strict=True)}
+
+
+def _rate(fn: Any, per_call: int, min_seconds: float, device: torch.device, max_calls: int = 10_000) -> float:
+    """Maps per second of ``fn`` (which draws ``per_call`` maps), run for at least ``min_seconds``."""
+    _sync(device)
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds or calls >= max_calls:
+            return calls * per_call / dt
+
+
+def _batch(batch: Mapping[str, Any], device: str, model: str) -> int:
+    b = batch.get(device, _DEFAULT_BATCH.get(device, 16))
+    if isinstance(b, Mapping):
+        b = b.get(model, b.get("default", _DEFAULT_BATCH.get(device, 16)))
+    return int(b)
+
+
+def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of maps/s for each model and device (see the module docstring); best of ``repeats``."""
+    from lensflow.generate import generate
+    from lensflow.module import load_glow_module
+
+    models = list(cfg.get("models") or ["kappa_quick", "kappa"])
+    ckpt = cfg.get("ckpt")
+    devices = [d for d in (cfg.get("devices") or ["cpu", "cuda"]) if d == "cpu" or torch.cuda.is_available()]
+    batch = dict(cfg.get("batch_size") or {})
+    min_s = float(cfg.get("min_seconds", 5.0))
+    repeats = max(1, int(cfg.get("repeats", 3)))
+    seed = int(cfg.get("seed", 0))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="lensflow-bench-generate-") as tmp:
+        targets = [("checkpoint", Path(str(ckpt)))] if ckpt else [(m, None) for m in models]
+        for name, path in targets:
+            if path is None:
+                path = _save_checkpoint(build_module(name, seed), Path(tmp) / f"{name}.ckpt")
+            module = load_glow_module(path)
+            mm = module.map_meta
+            n_params = sum(p.numel() for p in module.glow_ema.parameters())
+            cond = _cond(module)
+            for dev_name in devices:
+                device = torch.device(dev_name)
+                module = module.to(device)
+                B = _batch(batch, dev_name, name)
+                g = torch.Generator(device=device).manual_seed(seed)
+
+                def one(m: Any = module, g: torch.Generator = g, c: Any = cond) -> Any:
+                    return m.sample(1, cond=c, generator=g)
+
+                def raw(m: Any = module, g: torch.Generator = g, B: int = B, c: Any = cond) -> Any:
+                    return m.sample(B, cond=c, generator=g)
+
+                gcfg = {"ckpt": str(path), "batch_size": B, "seed": seed, "accelerator": dev_name,
+                        "devices": 1, "progress": False, "overwrite": True, "cond": cond or {}}
+                # warm-up of every path (kernels, caches, cuDNN autotuning, file system)
+                one(), raw()
+                generate({**gcfg, "n_maps": B, "out": str(Path(tmp) / "warm.h5")})
+                best = {"one": 0.0, "raw": 0.0, "gen": 0.0}
+                n = 0
+                for _ in range(repeats):  # interleaved, so a busy spell on the machine hits all three
+                    best["one"] = max(best["one"], _rate(one, 1, min_s, device))
+                    best["raw"] = max(best["raw"], _rate(raw, B, min_s, device))
+                    # end to end, checkpoint load and sha256 included: about 4 x min_seconds of maps
+                    n = n or max(2 * B, int(np.ceil(best["raw"] * 4 * min_s / B)) * B)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    generate({**gcfg, "n_maps": n, "out": str(Path(tmp) / "mocks.h5")})
+                    _sync(device)
+                    best["gen"] = max(best["gen"], n / (time.perf_counter() - t0))
+                common = {"benchmark": f"generate/{name}", "device": dev_name, "params": n_params, "batch": B,
+                          "maps": f"{mm['channels']}x{mm['npix']}x{mm['npix']}", "n_generated": n,
+                          "threads": torch.get_num_threads() if dev_name == "cpu" else None}
+                variant = "lensflow generate (streams, checks, HDF5)"
+                rows.append({**common, "variant": variant, "baseline": "one map per call",
+                             "value": best["gen"], "unit": "maps/s", "ratio": best["gen"] / best["one"],
+                             "baseline_value": best["one"]})
+                rows.append({**common, "variant": variant, "baseline": "batched sample, no streams/I/O",
+                             "value": best["gen"], "unit": "maps/s", "ratio": best["gen"] / best["raw"],
+                             "baseline_value": best["raw"]})
+            module.to("cpu")
+    return rows

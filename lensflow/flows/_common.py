@@ -1,0 +1,61 @@
+"""Small helpers shared by the flow layers (not public API)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+PADDINGS = ("zero", "circular")
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Dtype in which log-determinants are accumulated: float64 for float64 inputs, else float32.
+
+    Under bf16 autocast the flow stream stays float32, and so do all log-dets.
+    """
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def stream_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of the invertible data stream: never below float32 (bf16/fp16 would break invertibility)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Disable autocast for the exact (invertible) parts of a layer on ``x``'s device."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def check_padding(padding: str) -> str:
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    return padding
+
+
+def conv_padding_mode(padding: str) -> str:
+    return "zeros" if padding == "zero" else "circular"
+
+
+def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_cond(cond: Tensor | None, cond_dim: int, batch: int, where: str) -> Tensor | None:
+    """Validate ``cond`` ([B, cond_dim] float) against the layer's ``cond_dim``; shape checks only, no sync."""
+    if cond_dim == 0:
+        if cond is not None:
+            raise ValueError(f"cond: {where} was built with cond_dim=0 but a cond tensor was given")
+        return None
+    if cond is None:
+        raise ValueError(f"cond: {where} was built with cond_dim={cond_dim} and needs cond of shape [B, {cond_dim}]")
+    if cond.dim() != 2 or cond.shape[1] != cond_dim or cond.shape[0] != batch:
+        raise ValueError(f"cond must have shape [{batch}, {cond_dim}], got {tuple(cond.shape)}")
+    if not cond.is_floating_point():
+        raise ValueError(f"cond must be a floating-point tensor, got dtype {cond.dtype}")
+    return cond

@@ -1,0 +1,339 @@
+"""Per-layer tests of lensflow.flows: exact inverses, log-dets against brute force, caches, bounds."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from lensflow.flows import ActNorm, AffineCoupling, FlowStep, InvConv1x1, Preprocess, Split, Squeeze
+from lensflow.flows.split import TopPrior
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def _randomize(module: torch.nn.Module, scale: float = 0.3, seed: int = 1) -> None:
+    """Perturb every parameter so no layer sits at its (identity / zero) initialisation."""
+    g = _gen(seed)
+    for p in module.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _brute_logdet(fn, x: torch.Tensor) -> torch.Tensor:
+    """log|det J| of ``fn(x_i, i)`` at each sample ``x_i`` of x (float64), by autograd on the flattened map."""
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+
+        def flat(v, xi=xi, i=i):
+            return fn(v.view_as(xi), i).reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(flat, xi.reshape(-1), vectorize=True)
+        out.append(torch.linalg.slogdet(jac)[1])
+    return torch.stack(out)
+
+
+def _row(cond: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if cond is None else cond[i : i + 1]
+
+
+# -- ActNorm --------------------------------------------------------------------------------------------------
+def test_actnorm_data_init_standardises_and_is_persistent():
+    x = 3.0 + 0.5 * torch.randn(16, 4, 8, 8, generator=_gen(), dtype=torch.float64)
+    x[:, 1] *= 7.0
+    an = ActNorm(4).double()
+    assert not an.is_initialized
+    with torch.no_grad():
+        y, _ = an(x)
+    assert an.is_initialized and int(an.initialized) == 1
+    np.testing.assert_allclose(y.mean(dim=(0, 2, 3)).numpy(), 0.0, atol=1e-10)
+    np.testing.assert_allclose(y.std(dim=(0, 2, 3), unbiased=False).numpy(), 1.0, rtol=1e-5)
+    before = {k: v.clone() for k, v in an.state_dict().items()}
+    an(100.0 * x + 5.0)  # a second, very different batch must not re-initialise
+    for k, v in an.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    fresh = ActNorm(4).double()
+    fresh.load_state_dict(an.state_dict())
+    fresh(100.0 * x + 5.0)
+    assert torch.equal(fresh.bias, an.bias) and torch.equal(fresh.logs, an.logs)
+
+
+def test_actnorm_round_trip_and_logdet():
+    x = torch.randn(3, 3, 4, 4, generator=_gen(), dtype=torch.float64)
+    an = ActNorm(3).double()
+    an.initialize(2.0 * x + 1.0)
+    y, ld = an(x)
+    torch.testing.assert_close(an.inverse(y), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: an(v)[0], x), rtol=0, atol=1e-9)
+    assert ld.shape == (3,)
+
+
+def test_actnorm_bad_input():
+    with pytest.raises(ValueError, match="channels"):
+        ActNorm(0)
+    with pytest.raises(ValueError, match="x must have shape"):
+        ActNorm(3).initialize(torch.zeros(2, 4, 3, 3))
+
+
+# -- InvConv1x1 -----------------------------------------------------------------------------------------------
+def test_invconv_starts_orthogonal_with_lu_structure():
+    torch.manual_seed(0)
+    ic = InvConv1x1(6).double()
+    w = ic.weight()
+    # factors are stored in float32 (default dtype) at construction
+    torch.testing.assert_close(w @ w.T, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert abs(float(ic.log_s.detach().sum())) < 1e-6
+    p = ic.perm
+    assert torch.equal(p @ p.T, torch.eye(6, dtype=torch.float64))  # a permutation matrix
+    assert torch.all((p == 0) | (p == 1))
+
+
+def test_invconv_round_trip_logdet_and_inverse_accuracy():
+    torch.manual_seed(0)
+    ic = InvConv1x1(4).double()
+    _randomize(ic, 0.5)
+    x = torch.randn(2, 4, 3, 3, generator=_gen(), dtype=torch.float64)
+    y, ld = ic(x)
+    w = ic.weight()
+    # independent references: slogdet of the assembled matrix, and the brute-force Jacobian
+    assert abs(float(torch.linalg.slogdet(w.detach())[1]) * 9 - float(ld[0].detach())) < 1e-10
+    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: ic(v)[0], x), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ic.inverse_weight(), torch.linalg.inv(w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ic.inverse(y), x, rtol=0, atol=1e-12)
+
+
+def test_invconv_eval_cache_is_invalidated_by_weight_updates():
+    torch.manual_seed(0)
+    ic = InvConv1x1(4)
+    ic.eval()
+    with torch.no_grad():
+        w1 = ic.inverse_weight()
+        assert ic.inverse_weight() is w1  # cached in eval mode without autograd
+        ic.log_s.add_(0.3)  # e.g. an optimiser or EMA step
+        w2 = ic.inverse_weight()
+    assert w2 is not w1
+    torch.testing.assert_close(w2, torch.linalg.inv(ic.weight().double()).float(), rtol=1e-6, atol=1e-6)
+    # no caching while training or when gradients are needed
+    ic.train()
+    assert ic._cache is None
+    with torch.no_grad():
+        assert ic.inverse_weight() is not ic.inverse_weight()
+    # deepcopy (EMA copies) does not carry the cache
+    ic.eval()
+    with torch.no_grad():
+        ic.inverse_weight()
+    assert ic._cache is not None
+    assert copy.deepcopy(ic)._cache is None
+    # load_state_dict bumps the version counters
+    other = InvConv1x1(4)
+    with torch.no_grad():
+        ic.load_state_dict(other.state_dict())
+        torch.testing.assert_close(ic.inverse_weight(), other.inverse_weight(), rtol=0, atol=0)
+
+
+# -- AffineCoupling -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cond_dim", [0, 3])
+@pytest.mark.parametrize("padding", ["zero", "circular"])
+def test_coupling_identity_init_round_trip_and_logdet(cond_dim, padding):
+    torch.manual_seed(0)
+    cp = AffineCoupling(5, hidden=8, cond_dim=cond_dim, padding=padding).double()
+    x = torch.randn(2, 5, 4, 4, generator=_gen(), dtype=torch.float64)
+    cond = torch.randn(2, cond_dim, generator=_gen(2), dtype=torch.float64) if cond_dim else None
+    y, ld = cp(x, cond)
+    assert torch.equal(y, x) and torch.equal(ld, torch.zeros(2, dtype=torch.float64))  # zero-init last conv
+    _randomize(cp, 0.3)
+    y, ld = cp(x, cond)
+    assert float((y - x).detach().abs().max()) > 0.1 and float(ld.detach().abs().min()) > 0.1  # non-trivial
+    torch.testing.assert_close(cp.inverse(y, cond), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: cp(v, _row(cond, i))[0], x), rtol=0, atol=1e-9)
+
+
+def test_coupling_scale_is_bounded():
+    torch.manual_seed(0)
+    cp = AffineCoupling(4, hidden=8, scale_bound=1.5)
+    x = 10.0 * torch.randn(8, 4, 4, 4, generator=_gen())
+    cp(x)  # data-dependent init of the hidden ActNorms
+    _randomize(cp, 0.5)
+    with torch.no_grad():
+        cp.net.out.logs.fill_(3.0)  # output gain e^9: raw log-scales in the thousands
+        _, log_s = cp._shift_logscale(x[:, :2], None)
+    assert float(log_s.abs().max()) > 0.99 * 1.5  # saturated ...
+    assert float(log_s.abs().max()) <= 1.5  # ... but bounded
+    y, ld = cp(x)
+    assert torch.isfinite(y).all() and float(ld.detach().abs().max()) <= 1.5 * 2 * 16
+    assert torch.isfinite(cp.inverse(y)).all()
+
+
+def test_coupling_cond_is_required_and_checked():
+    cp = AffineCoupling(4, hidden=8, cond_dim=2)
+    with pytest.raises(ValueError, match="cond"):
+        cp(torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="cond"):
+        cp(torch.zeros(1, 4, 4, 4), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="channels"):
+        AffineCoupling(1, hidden=8)
+    with pytest.raises(ValueError, match="scale_bound"):
+        AffineCoupling(4, hidden=8, scale_bound=0.0)
+
+
+# -- Squeeze, Split, TopPrior, FlowStep --------------------------------------------------------------------------
+def test_squeeze_layout_and_round_trip():
+    x = torch.arange(2 * 2 * 4 * 6, dtype=torch.float32).view(2, 2, 4, 6)
+    y, ld = Squeeze()(x)
+    assert y.shape == (2, 8, 2, 3) and torch.equal(ld, torch.zeros(2))
+    # documented layout: out channel 4c + 2dy + dx = in channel c at block offset (dy, dx)
+    for c in range(2):
+        for dy in range(2):
+            for dx in range(2):
+                assert torch.equal(y[:, 4 * c + 2 * dy + dx], x[:, c, dy::2, dx::2])
+    assert torch.equal(Squeeze().inverse(y), x)
+    with pytest.raises(ValueError, match="even"):
+        Squeeze()(torch.zeros(1, 1, 3, 4))
+
+
+@pytest.mark.parametrize("cond_dim", [0, 2])
+def test_split_round_trip_and_logdet(cond_dim):
+    torch.manual_seed(0)
+    sp = Split(6, cond_dim=cond_dim).double()
+    x = torch.randn(2, 6, 4, 4, generator=_gen(), dtype=torch.float64)
+    cond = torch.randn(2, cond_dim, generator=_gen(3), dtype=torch.float64) if cond_dim else None
+    h, z, ld = sp(x, cond)
+    assert torch.equal(h, x[:, :3]) and torch.equal(z, x[:, 3:]) and torch.equal(ld, torch.zeros(2).double())
+    _randomize(sp, 0.3)
+    h, z, ld = sp(x, cond)
+    torch.testing.assert_close(sp.inverse(h, z, cond), x, rtol=0, atol=1e-12)
+    brute = _brute_logdet(lambda v, i: torch.cat([t.flatten(1) for t in sp(v, _row(cond, i))[:2]], 1), x)
+    torch.testing.assert_close(ld, brute, rtol=0, atol=1e-9)
+    assert float(ld.detach().abs().min()) > 0.1
+
+
+def test_top_prior_round_trip_and_logdet():
+    torch.manual_seed(0)
+    tp = TopPrior(4, cond_dim=2).double()
+    _randomize(tp, 0.5)
+    x = torch.randn(3, 4, 2, 2, generator=_gen(), dtype=torch.float64)
+    cond = torch.randn(3, 2, generator=_gen(5), dtype=torch.float64)
+    z, ld = tp(x, cond)
+    torch.testing.assert_close(tp.inverse(z, cond), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: tp(v, _row(cond, i))[0], x), rtol=0, atol=1e-9)
+    fixed = TopPrior(4, learn=False)
+    assert fixed.trivial and len(list(fixed.parameters())) == 0
+
+
+def test_flowstep_round_trip_and_logdet():
+    torch.manual_seed(0)
+    st = FlowStep(4, hidden=8, cond_dim=2, padding="circular").double()
+    x = torch.randn(2, 4, 4, 4, generator=_gen(), dtype=torch.float64)
+    cond = torch.randn(2, 2, generator=_gen(4), dtype=torch.float64)
+    st(x, cond)  # data-dependent init
+    _randomize(st, 0.3)
+    y, ld = st(x, cond)
+    torch.testing.assert_close(st.inverse(y, cond), x, rtol=0, atol=1e-11)
+    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: st(v, _row(cond, i))[0], x), rtol=0, atol=1e-9)
+
+
+# -- Preprocess -----------------------------------------------------------------------------------------------
+def test_preprocess_default_is_identity():
+    pre = Preprocess(2)
+    x = torch.randn(3, 2, 4, 4, generator=_gen())
+    y, ld = pre(x)
+    assert torch.equal(y, x) and torch.equal(ld, torch.zeros(3))
+    assert not pre.is_fitted
+
+
+def test_preprocess_standardisation_density_matches_scipy():
+    rng = np.random.default_rng(0)
+    maps = rng.normal([0.01, -0.02], [0.02, 0.05], size=(400, 8, 8, 2)).transpose(0, 3, 1, 2)
+    pre = Preprocess(2)
+    pre.fit(torch.tensor(maps))
+    assert pre.is_fitted
+    np.testing.assert_allclose(pre.mean.numpy(), maps.mean(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(pre.std.numpy(), maps.std(axis=(0, 2, 3)), rtol=1e-10)
+    x = torch.tensor(maps[:3])
+    y, ld = pre(x)  # buffers only: no autograd graph
+    # density of x under "y is standard normal" = N(x; mean, std) per pixel (analytic, scipy)
+    lp = stats.norm.logpdf(y.numpy()).sum(axis=(1, 2, 3)) + ld.numpy()
+    ref = stats.norm.logpdf(
+        maps[:3], loc=pre.mean.numpy()[None, :, None, None], scale=pre.std.numpy()[None, :, None, None]
+    ).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(lp, ref, rtol=1e-10)
+    torch.testing.assert_close(pre.inverse(y), x, rtol=0, atol=1e-15)
+
+
+def test_preprocess_shifted_log_density_matches_lognormal():
+    # κ = exp(g) - λ with g ~ N(mu, s^2) is a shifted lognormal; scipy gives its density independently.
+    lam, mu, s = 0.03, math.log(0.03), 0.4
+    rng = np.random.default_rng(1)
+    kappa = np.exp(rng.normal(mu, s, size=(5, 1, 6, 6))) - lam
+    pre = Preprocess(1, log_shift=True, shift=lam)
+    with torch.no_grad():
+        pre.mean.fill_(mu)
+        pre.std.fill_(s)
+    x = torch.tensor(kappa)
+    y, ld = pre(x)
+    lp = stats.norm.logpdf(y.numpy()).sum(axis=(1, 2, 3)) + ld.numpy()
+    ref = stats.lognorm.logpdf(kappa, s=s, loc=-lam, scale=math.exp(mu)).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(lp, ref, rtol=1e-10)
+    torch.testing.assert_close(pre.inverse(y), x, rtol=0, atol=1e-14)
+
+
+def test_preprocess_fit_shift_has_margin_and_log_stats():
+    rng = np.random.default_rng(2)
+    kappa = torch.tensor(np.exp(rng.normal(-3.5, 0.5, size=(200, 1, 8, 8))) - 0.03)
+    pre = Preprocess(1, log_shift=True, margin=0.5)
+    with pytest.raises(ValueError, match="shift"):
+        pre(kappa)  # no shift yet
+    pre.fit(kappa)
+    k = kappa.numpy()
+    np.testing.assert_allclose(float(pre.shift[0]), -k.min() + 0.5 * k.std(), rtol=1e-10)
+    u = np.log(k + float(pre.shift[0]))
+    np.testing.assert_allclose([float(pre.mean[0]), float(pre.std[0])], [u.mean(), u.std()], rtol=1e-10)
+    y, ld = pre(kappa)
+    assert torch.isfinite(y).all() and torch.isfinite(ld).all()
+    # a pixel below -shift is outside the support: clamped to the edge, finite but very unlikely
+    bad = kappa[:1].clone()
+    bad[0, 0, 0, 0] = -10.0
+    yb, ldb = pre(bad)
+    assert torch.isfinite(yb).all() and torch.isfinite(ldb).all()
+    assert float(yb.min()) < -10.0
+
+
+def test_preprocess_bad_input_and_state_dict():
+    with pytest.raises(ValueError, match="maps"):
+        Preprocess(2).fit(torch.zeros(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="maps"):
+        Preprocess(1).fit(torch.full((4, 1, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="maps"):
+        Preprocess(1).fit(torch.ones(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="shift"):
+        Preprocess(1, shift=0.1)  # shift without log_shift
+    with pytest.raises(ValueError, match="shift"):
+        Preprocess(1, log_shift=True, shift=-0.1)
+    with pytest.raises(ValueError, match="maps"):
+        Preprocess(1, log_shift=True, shift=0.01).fit(torch.full((2, 1, 4, 4), -0.5))
+    with pytest.raises(ValueError, match="log_shift"):
+        Preprocess(1).load_state_dict(Preprocess(1, log_shift=True, shift=0.1).state_dict())
+    a = Preprocess(1, log_shift=True)
+    a.fit(torch.rand(10, 1, 4, 4))
+    b = Preprocess(1, log_shift=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(2, 1, 4, 4)
+    assert torch.equal(a(x)[0], b(x)[0])
+    # statistics stay float64 when the module is cast
+    assert b.float().mean.dtype == torch.float64

@@ -1,0 +1,437 @@
+"""Mock generation: schema and provenance, determinism per (seed, i), resume after SIGKILL, conditional
+grids, non-finite redraws, shape noise, FITS read back by ingest, several processes, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import lensflow
+import lensflow.generate as gen
+from lensflow.data import KappaDataModule
+from lensflow.generate import GenerationError, generate, latent_noise, sample_maps, stream_seed
+from lensflow.mapstore import StoreMeta, open_store, write_store
+from lensflow.module import GlowModule, load_glow_module
+
+NPIX = 16
+
+
+def _train_tiny(tmp: Path, name: str, channels: int, cond: tuple[str, ...], periodic: bool) -> Path:
+    """A real lensflow checkpoint: a tiny GlowModule trained 3 steps by a Lightning Trainer."""
+    rng = np.random.default_rng(1)
+    n = 48
+    maps = rng.normal(0.0, 0.02, (n, channels, NPIX, NPIX)).astype(np.float32)
+    params = None
+    if cond:
+        params = np.stack([rng.choice([0.25, 0.3, 0.35], n), rng.choice([0.75, 0.85], n)], axis=1)
+    zs = (0.5, 1.0)[:channels]
+    store = write_store(tmp / f"{name}.h5", maps, StoreMeta(2.0, zs, periodic=periodic, param_names=cond),
+                        params=params)
+    dm = KappaDataModule(store, batch_size=16, num_workers=0, cond=list(cond) or None)
+    module = GlowModule(model={"levels": 2, "steps": 2, "hidden": 16}, map_meta=dm.map_meta(),
+                        param_names=dm.param_names, check={"every": 0, "final": False}, seed=3)
+    mean, std = dm.cond_stats()
+    module.fit_normalization(dm.normalization_maps(), mean, std)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+    # Three steps barely move the zero-initialised conditioning layers; a seeded perturbation of the EMA
+    # weights makes every map depend visibly on its condition (still a checkpoint in the real format).
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in module.glow_ema.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    module.glow_ema.clear_cache()
+    ckpt = tmp / f"{name}.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny convolutions on a shared 2-core machine run an order of magnitude faster on one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("ckpts")
+    return {"uncond": _train_tiny(tmp, "uncond", 1, (), periodic=True),
+            "cond": _train_tiny(tmp, "cond", 2, ("Omega_m", "sigma_8"), periodic=False)}
+
+
+def _cfg(**kw) -> object:
+    """The composed generate config with overrides (as the CLI would build it)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
+        cfg = compose(config_name="generate")
+    base = OmegaConf.to_container(cfg)
+    base.update(progress=False, accelerator="cpu", devices=1)
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+def _left(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Schema, provenance, determinism
+# --------------------------------------------------------------------------------------------
+
+def test_schema_and_provenance(tmp_path, ckpts):
+    ck = ckpts["uncond"]
+    out = generate(_cfg(ckpt=str(ck), n_maps=10, batch_size=4, seed=5, temperature=0.9,
+                        out=str(tmp_path / "m.h5")))
+    assert out == tmp_path / "m.h5" and _left(tmp_path) == ["m.h5"]  # work folder removed
+    st = open_store(out)
+    train_meta = open_store(ck.with_suffix(".h5")).meta
+    assert st.shape == (10, 1, NPIX, NPIX)
+    assert st.meta.kind == "mock" and st.meta.param_names == ()
+    assert st.meta.pixel_arcmin == train_meta.pixel_arcmin and st.meta.source_redshifts == (0.5,)
+    assert st.meta.periodic is True
+    np.testing.assert_array_equal(st.read_realization(), np.arange(10))
+    st.check_values()
+    cb = st.meta.created_by
+    assert cb["config"]["n_maps"] == 10 and cb["config"]["seed"] == 5 and "versions" in cb and "command" in cb
+    ex = st.meta.extra
+    assert ex["checkpoint"] == str(ck.resolve())
+    assert ex["checkpoint_sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
+    assert (ex["seed"], ex["temperature"], ex["weights"]) == (5, 0.9, "ema")
+    assert ex["lensflow_version"] == lensflow.__version__
+    assert ex["training"]["store"] == str(ck.with_suffix(".h5").resolve())
+    assert ex["nonfinite_redraws"] == 0 and ex["noise"] is None
+
+
+def test_map_depends_only_on_seed_and_index(tmp_path, ckpts):
+    ck = ckpts["uncond"]
+    a = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, out=str(tmp_path / "a.h5")))).read()
+    b = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, out=str(tmp_path / "b.h5")))).read()
+    np.testing.assert_array_equal(a, b)  # same request, same batch layout: bit-identical
+    c = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=3, out=str(tmp_path / "c.h5")))).read()
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())  # other batch size: round-off
+    d = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, seed=1,
+                                 out=str(tmp_path / "d.h5")))).read()
+    assert np.abs(d - a).min(axis=(1, 2, 3)).max() > 0 and not np.allclose(d, a)
+    # The notebook API gives the CLI's maps; fewer maps give a prefix.
+    np.testing.assert_allclose(sample_maps(ck, 5, batch_size=2, device="cpu"), a[:5], rtol=1e-5,
+                               atol=1e-6 * np.abs(a).max())
+    # Brute force: map 7 alone, from its documented stream, through the module's own sampler.
+    module = load_glow_module(ck)
+    g = torch.Generator().manual_seed(int.from_bytes(
+        np.random.SeedSequence([0, 7, 0]).generate_state(2, np.uint32).astype("<u4").tobytes(), "little"))
+    z = torch.randn(1, NPIX * NPIX, generator=g)
+    assert stream_seed(0, 7) == g.initial_seed()
+    np.testing.assert_allclose(module.sample(1, noise=z).numpy()[0], a[7], rtol=1e-5,
+                               atol=1e-6 * np.abs(a).max())
+    # Raw weights differ from the EMA weights after 3 steps (EMA decay (1+t)/(10+t)).
+    raw = sample_maps(module, 2, ema=False, device="cpu")
+    assert not np.allclose(raw, a[:2])
+
+
+def test_temperature_scales_latents(ckpts):
+    module = load_glow_module(ckpts["uncond"])
+    z = latent_noise(0, [0, 1, 2], NPIX * NPIX)
+    np.testing.assert_allclose(sample_maps(module, 3, temperature=0.5, device="cpu"),
+                               module.sample(3, noise=0.5 * z).numpy(), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume after a kill, and refusing a different request
+# --------------------------------------------------------------------------------------------
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, ckpts):
+    ck = ckpts["uncond"]
+    out = tmp_path / "m.h5"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import torch
+        from omegaconf import OmegaConf
+        torch.set_num_threads(1)  # as in this process: bit-identical maps need the same kernels
+        import lensflow.generate as g
+        def hook(event, b):
+            if event == "writing" and b == 2:  # inside the writer of the 3rd batch, before its rename
+                os.kill(os.getpid(), signal.SIGKILL)
+        g._HOOK = hook
+        g.generate(OmegaConf.create(dict(ckpt={str(ck)!r}, n_maps=11, batch_size=3, seed=2, out={str(out)!r},
+                                         progress=False, devices=1, accelerator="cpu")))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == -9, res.stderr
+    parts = tmp_path / "m.h5.parts"
+    assert not out.exists()
+    names = sorted(p.name for p in parts.iterdir())
+    assert any(n.startswith(".part-000000002.h5.") and n.endswith(".tmp") for n in names)  # killed mid-write
+    assert [n for n in names if n.startswith("part-")] == ["part-000000000.h5", "part-000000001.h5"]
+    for b in (0, 1):  # the finished batches are valid, readable stores
+        st = open_store(parts / f"part-{b:09d}.h5")
+        assert st.n == 3 and np.array_equal(st.read_realization(), np.arange(3 * b, 3 * b + 3))
+    # A different request is refused while the unfinished one is there ...
+    with pytest.raises(ValueError, match="differs in seed"):
+        generate(_cfg(ckpt=str(ck), n_maps=11, batch_size=3, seed=3, out=str(out)))
+    assert not out.exists() and (parts / "part-000000001.h5").exists()
+    # ... and the same command completes it: equal to an uninterrupted run, no duplicates, no leftovers.
+    generate(_cfg(ckpt=str(ck), n_maps=11, batch_size=3, seed=2, out=str(out)))
+    full = generate(_cfg(ckpt=str(ck), n_maps=11, batch_size=3, seed=2, out=str(tmp_path / "full.h5")))
+    np.testing.assert_array_equal(open_store(out).read(), open_store(full).read())
+    np.testing.assert_array_equal(open_store(out).read_realization(), np.arange(11))
+    np.testing.assert_array_equal(open_store(out).split, open_store(full).split)
+    assert _left(tmp_path) == ["full.h5", "m.h5"]
+
+
+def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts, monkeypatch):
+    ck = ckpts["uncond"]
+    out = tmp_path / "m.h5"
+
+    def boom(event, b):
+        if event == "sampled" and b == 1:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(gen, "_HOOK", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, out=str(out)))
+    monkeypatch.setattr(gen, "_HOOK", None)
+    parts = tmp_path / "m.h5.parts"
+    assert not out.exists() and sorted(p.name for p in parts.glob("part-*")) == ["part-000000000.h5"]
+    # overwrite=true discards the unfinished run of another request (here: another seed) ...
+    def after_merge(event, b):
+        if event == "merged":
+            raise RuntimeError("killed after the output was renamed into place")
+
+    monkeypatch.setattr(gen, "_HOOK", after_merge)
+    with pytest.raises(RuntimeError, match="renamed into place"):
+        generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out), overwrite=True))
+    monkeypatch.setattr(gen, "_HOOK", None)
+    ref = sample_maps(ck, 6, seed=4, batch_size=2, device="cpu")
+    np.testing.assert_array_equal(open_store(out).read(), ref)
+    assert _left(tmp_path) == ["m.h5", "m.h5.parts"]
+    # ... and a run killed between the final rename and the clean-up is recognised as complete.
+    generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out)))
+    assert _left(tmp_path) == ["m.h5"]
+    np.testing.assert_array_equal(open_store(out).read(), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Conditions, non-finite redraws, shape noise
+# --------------------------------------------------------------------------------------------
+
+def test_conditional_grid(tmp_path, ckpts):
+    ck = ckpts["cond"]
+    out = generate(_cfg(ckpt=str(ck), n_maps=3, batch_size=4, out=str(tmp_path / "g.h5"),
+                        cond={"sigma_8": [0.75, 0.85], "Omega_m": [0.25, 0.35]}))
+    st = open_store(out)
+    assert st.meta.param_names == ("Omega_m", "sigma_8") and st.shape == (12, 2, NPIX, NPIX)
+    # Cartesian product in the model's parameter order (Omega_m slowest), n_maps per condition.
+    want = np.repeat([[0.25, 0.75], [0.25, 0.85], [0.35, 0.75], [0.35, 0.85]], 3, axis=0)
+    np.testing.assert_allclose(st.read_params(), want, rtol=1e-6)
+    assert st.meta.extra["conditions"]["values"] == want[::3].tolist()
+    maps = st.read()
+    # Each map from its own stream and its own condition, computed alone.
+    module = load_glow_module(ck)
+    for i in (4, 11):
+        z = latent_noise(0, [i], 2 * NPIX * NPIX)
+        one = module.sample(1, cond={"Omega_m": want[i, 0], "sigma_8": want[i, 1]}, noise=z).numpy()[0]
+        np.testing.assert_allclose(maps[i], one, rtol=1e-5, atol=1e-6 * np.abs(maps).max())
+    # The condition matters: the same latent under another cosmology gives another map.
+    other = sample_maps(module, 12, cond={"Omega_m": 0.3, "sigma_8": 0.8}, device="cpu")
+    assert np.abs(other - maps).max() > 1e-3 * np.abs(maps).max()
+    np.testing.assert_allclose(sample_maps(module, 12, cond=want, batch_size=5, device="cpu"), maps,
+                               rtol=1e-5, atol=1e-6 * np.abs(maps).max())
+
+
+def test_nonfinite_maps_are_redrawn_from_the_next_stream(tmp_path, ckpts, monkeypatch):
+    ck = ckpts["uncond"]
+    module = load_glow_module(ck)
+    orig = GlowModule.sample
+
+    def flaky(self, n, cond=None, temperature=1.0, generator=None, noise=None, ema=True, batch_size=None):
+        x = orig(self, n, cond=cond, temperature=temperature, noise=noise, ema=ema)
+        x[noise[:, 0] > 0.5] = float("nan")  # a latent-dependent failure (~31% of draws)
+        return x
+
+    monkeypatch.setattr(GlowModule, "sample", flaky)
+    out = generate(_cfg(ckpt=str(ck), n_maps=8, batch_size=3, out=str(tmp_path / "m.h5")))
+    st = open_store(out)
+    maps = st.read()  # every stored map is finite (read checks)
+    expected_redraws = 0
+    redrawn = []
+    for i in range(8):
+        k = next(k for k in range(10) if latent_noise(0, [i], NPIX * NPIX, k)[0, 0] <= 0.5)
+        expected_redraws += k
+        redrawn += [i] * k
+        z = latent_noise(0, [i], NPIX * NPIX, k)
+        np.testing.assert_allclose(maps[i], orig(module, 1, noise=z).numpy()[0], rtol=1e-5,
+                                   atol=1e-6 * np.abs(maps).max())
+    assert expected_redraws > 0
+    assert st.meta.extra["nonfinite_redraws"] == expected_redraws
+    assert st.meta.extra["redrawn_maps"] == sorted(set(redrawn))
+
+    def broken(self, n, **kw):
+        return torch.full((n, 1, NPIX, NPIX), float("inf"))
+
+    monkeypatch.setattr(GlowModule, "sample", broken)
+    with pytest.raises(GenerationError, match="non-finite in all 3 attempts"):
+        generate(_cfg(ckpt=str(ck), n_maps=4, batch_size=2, max_attempts=3, out=str(tmp_path / "bad.h5")))
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_shape_noise_is_seeded_and_recorded(tmp_path, ckpts):
+    ck = ckpts["cond"]
+    kw = dict(ckpt=str(ck), n_maps=6, batch_size=4, cond={"Omega_m": 0.3, "sigma_8": 0.8})
+    clean = open_store(generate(_cfg(**kw, out=str(tmp_path / "c.h5")))).read()
+    noisy_st = open_store(generate(_cfg(**kw, out=str(tmp_path / "n.h5"),
+                                        noise={"sigma_e": 0.26, "n_gal": 30.0})))
+    noise = noisy_st.read() - clean
+    sigma = 0.26 / math.sqrt(30.0 * 2.0**2)  # sigma_e / sqrt(n_gal * pixel area), pixel 2 arcmin
+    assert abs(noise.std() / sigma - 1) < 0.05  # 3072 pixels: 1.3 % standard error
+    assert abs(noise.mean()) < 4 * sigma / math.sqrt(noise.size)
+    assert noisy_st.meta.extra["noise"] == {"sigma_e": 0.26, "n_gal": 30.0, "seed": 0}
+    # independent of the latents and of the batch layout, reproducible per (noise.seed, i)
+    again = open_store(generate(_cfg(**{**kw, "batch_size": 5}, out=str(tmp_path / "n2.h5"),
+                                     noise={"sigma_e": 0.26, "n_gal": 30.0}))).read()
+    np.testing.assert_allclose(again - clean, noise, atol=1e-6)
+    assert abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]) < 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# FITS, several processes
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["files", "cube"])
+def test_fits_output_read_back_by_ingest(tmp_path, ckpts, layout):
+    from hydra import compose, initialize_config_module
+
+    from lensflow.ingest import ingest
+
+    ck = ckpts["cond"]
+    kw = dict(ckpt=str(ck), n_maps=3, batch_size=2, cond={"Omega_m": [0.25, 0.35], "sigma_8": 0.8})
+    ref = open_store(generate(_cfg(**kw, out=str(tmp_path / "ref.h5"))))
+    target = tmp_path / ("fits" if layout == "files" else "mocks.fits")
+    generate(_cfg(**kw, out=str(target), format="fits", fits_layout=layout))
+    assert not (tmp_path / (target.name + ".parts")).exists()
+    side = json.loads((tmp_path / (target.name + ".json")).read_text())
+    assert side["n_maps"] == 6 and side["extra"]["checkpoint_sha256"] == ref.meta.extra["checkpoint_sha256"]
+    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
+        icfg = compose(config_name="ingest", overrides=[f"input={target}", f"out={tmp_path / 'back.h5'}",
+                                                        "kind=mock", "progress=false"])
+    back = open_store(ingest(icfg))
+    np.testing.assert_array_equal(back.read(), ref.read())
+    assert back.meta.param_names == ("Omega_m", "sigma_8")
+    np.testing.assert_allclose(back.read_params(), ref.read_params(), rtol=1e-6)
+    assert math.isclose(back.meta.pixel_arcmin, 2.0, rel_tol=1e-9)
+    assert back.meta.source_redshifts == (0.5, 1.0)
+
+
+def test_two_cpu_processes_equal_one(tmp_path, ckpts):
+    ck = ckpts["cond"]
+    kw = dict(ckpt=str(ck), n_maps=5, batch_size=3, cond={"Omega_m": [0.25, 0.35], "sigma_8": 0.8})
+    one = open_store(generate(_cfg(**kw, out=str(tmp_path / "one.h5"))))
+    two = open_store(generate(_cfg(**kw, devices=2, out=str(tmp_path / "two.h5"))))
+    np.testing.assert_allclose(two.read(), one.read(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(two.read_params(), one.read_params())
+    np.testing.assert_array_equal(two.read_realization(), one.read_realization())
+    assert two.meta.extra["job_sha256"] == one.meta.extra["job_sha256"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, no output
+# --------------------------------------------------------------------------------------------
+
+def _cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["lensflow.generate", *args, "progress=false", "accelerator=cpu"])
+    code = 0
+    try:
+        gen.main()
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    uc, cc = str(ckpts["uncond"]), str(ckpts["cond"])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    cases = {
+        "missing checkpoint": ([f"ckpt={tmp_path / 'nope.ckpt'}"], "checkpoint not found"),
+        "no checkpoint": ([], "ckpt: no checkpoint"),
+        "foreign checkpoint": ([f"ckpt={foreign}"], "not a lensflow checkpoint"),
+        "map store as checkpoint": ([f"ckpt={ckpts['cond'].with_suffix('.h5')}"], "not a readable lensflow"),
+        "n_maps=0": ([f"ckpt={uc}", "n_maps=0"], "n_maps must be an integer >= 1"),
+        "n_maps<0": ([f"ckpt={uc}", "n_maps=-3"], "n_maps must be an integer >= 1"),
+        "temperature=0": ([f"ckpt={uc}", "temperature=0"], "temperature must be a positive number"),
+        "unknown condition": ([f"ckpt={cc}", "cond.Omega_m=0.3", "cond.sigma_8=0.8", "cond.w0=-1"],
+                              "unknown condition(s) ['w0']"),
+        "missing condition": ([f"ckpt={cc}", "cond.Omega_m=0.3"], "missing value(s) for ['sigma_8']"),
+        "condition on unconditional": ([f"ckpt={uc}", "cond.Omega_m=0.3"], "the model is unconditional"),
+        "bad format": ([f"ckpt={uc}", "format=npy"], "format must be one of"),
+        "bad noise": ([f"ckpt={uc}", "noise.sigma_e=-1"], "noise.sigma_e must be"),
+        "typo in a key": ([f"ckpt={uc}", "n_mpas=3"], "n_mpas"),
+    }
+    for name, (args, msg) in cases.items():
+        code, err = _cli(monkeypatch, capsys, [*args, "out=m.h5"])
+        assert code == 2, name
+        assert err.startswith("error: ") and msg in err, (name, err)
+        assert _left(tmp_path) == ["foreign.ckpt"], name  # nothing written, no work folder
+    # An existing output is not replaced (nor touched) without overwrite=true.
+    (tmp_path / "m.h5").write_bytes(b"keep")
+    code, err = _cli(monkeypatch, capsys, [f"ckpt={uc}", "n_maps=2", "out=m.h5"])
+    assert code == 2 and "exists; pass overwrite=true" in err
+    assert (tmp_path / "m.h5").read_bytes() == b"keep" and _left(tmp_path) == ["foreign.ckpt", "m.h5"]
+    code, err = _cli(monkeypatch, capsys, [f"ckpt={uc}", "n_maps=2", "out=m.h5", "overwrite=true"])
+    assert code == 0 and open_store(tmp_path / "m.h5").n == 2
+    assert _left(tmp_path) == ["foreign.ckpt", "m.h5"]
+    # The CLI's maps are the API's maps.
+    np.testing.assert_allclose(open_store(tmp_path / "m.h5").read(), sample_maps(uc, 2, device="cpu"),
+                               rtol=1e-5)
+
+
+def test_api_bad_input():
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        sample_maps("x.ckpt", 0)
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        sample_maps("x.ckpt", 1, temperature=-1.0)
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        sample_maps("definitely/missing.ckpt", 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tmp_path, ckpts):
+    ck = ckpts["cond"]
+    kw = dict(ckpt=str(ck), n_maps=6, batch_size=4, cond={"Omega_m": [0.25, 0.35], "sigma_8": 0.8})
+    cpu = open_store(generate(_cfg(**kw, out=str(tmp_path / "cpu.h5")))).read()
+    st = open_store(generate(_cfg(**kw, accelerator="cuda", devices="auto", out=str(tmp_path / "gpu.h5"))))
+    # the same latents per map; only kernels differ (TF32 convolutions allowed by default on recent GPUs)
+    np.testing.assert_allclose(st.read(), cpu, rtol=0, atol=2e-3 * np.abs(cpu).max())
+    assert st.meta.extra["job_sha256"] == open_store(tmp_path / "cpu.h5").meta.extra["job_sha256"]
+
+
+def test_bench_suite_rows(ckpts):
+    """The benchmark runs end to end (nothing is timed here): one model, CPU, tiny measurement windows."""
+    from lensflow.bench.generate import run
+
+    rows = run({"ckpt": str(ckpts["uncond"]), "devices": ["cpu"], "batch_size": {"cpu": 2},
+                "min_seconds": 0.01, "repeats": 1})
+    assert [r["baseline"] for r in rows] == ["one map per call", "batched sample, no streams/I/O"]
+    for r in rows:
+        assert r["unit"] == "maps/s" and r["value"] > 0 and r["baseline_value"] > 0
+        assert math.isclose(r["ratio"], r["value"] / r["baseline_value"])
+        assert r["maps"] == f"1x{NPIX}x{NPIX}" and r["device"] == "cpu"

@@ -1,0 +1,269 @@
+"""GlowModule: normalisation, sampling in κ units, bits/dim, EMA, LR schedule, checkpoints, sample checks."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lensflow.data import KappaDataModule
+from lensflow.mapstore import StoreMeta, write_store
+from lensflow.module import (
+    GlowModule,
+    NonFiniteCheckpointError,
+    _WarmupCosine,
+    load_glow_module,
+    sample_check,
+)
+
+SMALL = {"levels": 2, "steps": 2, "hidden": 8}
+
+
+def _meta(npix=16, channels=1, periodic=False):
+    return {
+        "pixel_arcmin": 2.0,
+        "source_redshifts": [1.0] * channels,
+        "periodic": periodic,
+        "npix": npix,
+        "channels": channels,
+        "kind": "simulation",
+        "store": "/nowhere.h5",
+    }
+
+
+def _module(log_shift=False, names=(), **model):
+    return GlowModule(
+        model={**SMALL, "log_shift": log_shift, **model},
+        map_meta=_meta(),
+        param_names=names,
+        optim={"warmup_steps": 2},
+        check={"n_samples": 8, "batch_size": 4},
+        seed=0,
+    )
+
+
+def test_untrained_samples_have_the_training_mean_and_std_in_kappa_units():
+    # At initialisation every coupling is the identity, the priors are standard normal and the 1x1
+    # convolutions orthogonal, so a sample is Preprocess.inverse(white noise): N(mean, std^2) per pixel.
+    rng = np.random.default_rng(0)
+    m, s = 0.013, 0.021
+    train = rng.normal(m, s, size=(64, 1, 16, 16))
+    mod = _module()
+    mod.fit_normalization(train)
+    x = mod.sample(128, generator=torch.Generator().manual_seed(1)).double().numpy()
+    assert x.shape == (128, 1, 16, 16)
+    n = x.size
+    assert abs(x.mean() - train.mean()) < 5 * s / math.sqrt(n)
+    assert abs(x.std() / train.std() - 1) < 5 / math.sqrt(2 * n)
+
+
+def test_untrained_samples_with_shifted_log_preprocessing():
+    rng = np.random.default_rng(1)
+    shift = 0.05
+    train = np.exp(rng.normal(-3.0, 0.3, size=(64, 1, 16, 16))) - shift  # shifted lognormal κ
+    mod = _module(log_shift=True)
+    mod.fit_normalization(train)
+    x = mod.sample(128, generator=torch.Generator().manual_seed(2)).double().numpy()
+    sh = float(mod.glow.preprocess.shift[0])
+    assert x.min() > -sh
+    u_train, u = np.log(train + sh), np.log(x + sh)
+    assert abs(u.mean() - u_train.mean()) < 5 * u_train.std() / math.sqrt(u.size)
+    assert abs(u.std() / u_train.std() - 1) < 5 / math.sqrt(2 * u.size)
+
+
+def test_bits_per_dim_of_white_noise_is_its_entropy_in_kappa_units():
+    # For iid N(m, s^2) pixels the best density has -log2 p / D = 0.5 log2(2 pi e s^2); the untrained,
+    # data-initialised Glow is that density up to the sample noise of its ActNorm statistics.
+    rng = np.random.default_rng(2)
+    s = 0.02
+    x = torch.from_numpy(rng.normal(0.01, s, size=(256, 1, 16, 16)))
+    mod = _module().double()
+    mod.fit_normalization(x)
+    mod.initialize(x)
+    bpd = mod.glow_ema.bits_per_dim(x).mean().item()
+    assert bpd == pytest.approx(0.5 * math.log2(2 * math.pi * math.e * s * s), abs=0.02)
+    # EMA and raw weights start equal
+    assert torch.allclose(mod.glow.bits_per_dim(x[:4]), mod.glow_ema.bits_per_dim(x[:4]))
+
+
+def test_cond_normalisation_dicts_arrays_and_errors():
+    mod = _module(names=("Omega_m", "sigma_8"))
+    mod.fit_normalization(np.random.default_rng(3).normal(size=(8, 1, 16, 16)), [0.3, 0.8], [0.05, 0.1])
+    a = mod.normalize_cond({"Omega_m": [0.25, 0.35], "sigma_8": 0.9})
+    b = mod.normalize_cond(np.array([[0.25, 0.9], [0.35, 0.9]]))
+    expect = torch.tensor([[-1.0, 1.0], [1.0, 1.0]])
+    assert torch.allclose(a, expect, atol=1e-6) and torch.allclose(b, expect, atol=1e-6)
+    assert mod.normalize_cond([0.3, 0.8], n=5).shape == (5, 2)
+    for bad, match in (
+        (None, "conditioned"),
+        ({"Omega_m": 0.3}, "missing"),
+        (np.ones((2, 3)), "shape"),
+        ({"Omega_m": 0.3, "sigma_8": float("nan")}, "finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            mod.normalize_cond(bad)
+    assert mod.sample(3, cond={"Omega_m": 0.3, "sigma_8": 0.8}).shape == (3, 1, 16, 16)
+    with pytest.raises(ValueError, match="unconditional"):
+        _module().normalize_cond([0.3])
+    with pytest.raises(ValueError, match="cond_dim"):
+        _module(names=("Omega_m",), cond_dim=2)
+
+
+def test_ema_update_follows_the_warmed_up_decay():
+    mod = GlowModule(model=SMALL, map_meta=_meta(), optim={"ema_decay": 0.5})
+    with torch.no_grad():
+        for p in mod.glow_ema.parameters():
+            p.zero_()
+        for p in mod.glow.parameters():
+            p.fill_(1.0)
+    expect = 0.0
+    for t in range(5):
+        d = min(0.5, (1 + t) / (10 + t))
+        expect = d * expect + (1 - d) * 1.0
+        mod._update_ema()
+    p = next(iter(mod.glow_ema.parameters()))
+    assert torch.allclose(p, torch.full_like(p, expect))
+    assert int(mod.ema_steps) == 5
+
+
+def test_warmup_cosine_schedule():
+    f = _WarmupCosine(warmup=10, total=110, floor=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55)  # half-way down the cosine: (1 + floor) / 2
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(4)
+    n = 48
+    kappa = rng.normal(0.0, 0.02, size=(n, 1, 16, 16)).astype(np.float32)
+    params = np.stack([rng.uniform(0.2, 0.4, n), rng.uniform(0.7, 0.9, n)], 1)
+    meta = StoreMeta(pixel_arcmin=2.0, source_redshifts=(1.0,), param_names=("Omega_m", "sigma_8"))
+    write_store(tmp_path / "s.h5", kappa, meta, params=params)
+    dm = KappaDataModule(tmp_path / "s.h5", batch_size=8, cond=["Omega_m", "sigma_8"])
+    mod = GlowModule(
+        model=SMALL,
+        map_meta=dm.map_meta(),
+        param_names=dm.param_names,
+        optim={"warmup_steps": 1, "lr": 1e-3},
+        check={"every": 0},
+        seed=0,
+        config={"name": "t"},
+    )
+    mod.fit_normalization(dm.normalization_maps(), *dm.cond_stats())
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(mod, datamodule=dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path, weights_only=False)
+    return mod, trainer, path
+
+
+def test_checkpoint_round_trip_plain_and_weights_only(trained):
+    mod, _, path = trained
+    raw = torch.load(path, weights_only=True)  # plain data only: no pickled objects
+    info = raw["lensflow"]
+    assert info["model"] == "glow" and info["version"] and info["config"] == {"name": "t"}
+    assert info["data"]["store"] == "/nowhere.h5" or info["data"]["store"].endswith("s.h5")
+    assert info["provenance"]["versions"]["torch"]
+    assert any(k.startswith("glow_ema.") for k in raw["state_dict"])
+    assert any(k.startswith("glow.") for k in raw["state_dict"])
+    noise = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    cond = {"Omega_m": 0.3, "sigma_8": 0.8}
+    want = mod.sample(4, cond=cond, noise=noise)
+    for loaded in (GlowModule.load_from_checkpoint(path), load_glow_module(path)):
+        assert loaded.param_names == ("Omega_m", "sigma_8")
+        assert loaded.map_meta["npix"] == 16
+        assert torch.equal(loaded.sample(4, cond=cond, noise=noise), want)
+        assert torch.equal(loaded.cond_mean, mod.cond_mean)
+    # EMA and raw weights differ after training, and sample() uses the EMA ones by default
+    assert not torch.equal(mod.sample(4, cond=cond, noise=noise, ema=False), want)
+
+
+def test_load_glow_module_rejects_other_files(tmp_path, trained):
+    with pytest.raises(ValueError, match="not found"):
+        load_glow_module(tmp_path / "missing.ckpt")
+    (tmp_path / "text.ckpt").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable lensflow checkpoint"):
+        load_glow_module(tmp_path / "text.ckpt")
+    torch.save({"state_dict": {}, "epoch": 1}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a lensflow checkpoint"):
+        load_glow_module(tmp_path / "other.ckpt")
+    ck = torch.load(trained[2], weights_only=True)
+    ck["lensflow"]["model"] = "realnvp"
+    torch.save(ck, tmp_path / "kind.ckpt")
+    with pytest.raises(ValueError, match="model kind 'realnvp'") as e:
+        load_glow_module(tmp_path / "kind.ckpt")
+    assert str(tmp_path / "kind.ckpt") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_checkpoint_with_nonfinite_parameters(trained, tmp_path):
+    mod, trainer, _ = trained
+    p = next(iter(mod.glow.parameters()))
+    keep = p.detach().clone()
+    try:
+        with torch.no_grad():
+            p[0] = float("nan")
+        with pytest.raises(NonFiniteCheckpointError, match="NaN/Inf"):
+            trainer.save_checkpoint(tmp_path / "nan.ckpt", weights_only=False)
+        assert not (tmp_path / "nan.ckpt").exists()
+    finally:
+        with torch.no_grad():
+            p.copy_(keep)
+
+
+class _Stub:
+    """Stands in for a module in sample_check: 'samples' are given maps."""
+
+    def __init__(self, maps, npix, pix):
+        self.maps = torch.from_numpy(maps)
+        self.map_meta = {"pixel_arcmin": pix, "periodic": True, "npix": npix, "channels": 1}
+        self.device = torch.device("cpu")
+        self.num_dims = npix * npix
+        self.param_names = ()
+
+    def sample(self, n, cond=None, temperature=1.0, noise=None, batch_size=None):
+        return self.maps[:n]
+
+
+def _grf(n, npix, seed):
+    rng = np.random.default_rng(seed)
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(npix), np.fft.fftfreq(npix), indexing="ij"))
+    amp = np.power(k, -1.2, out=np.zeros_like(k), where=k > 0)
+    f = np.fft.ifft2(amp * np.fft.fft2(rng.normal(size=(n, npix, npix)))).real
+    return (0.02 * f / f.std())[:, None]
+
+
+def test_sample_check_fractional_errors(tmp_path):
+    ref = _grf(64, 32, 0)
+    chk = {"smoothing_arcmin": 4.0}
+    same = sample_check(_Stub(ref.copy(), 32, 2.0), ref, check=chk, out_dir=tmp_path, tag="t")
+    for k in ("cl_frac_max", "peaks_frac_max", "pdf_frac_max"):
+        assert same["metrics"][k] == pytest.approx(0.0, abs=1e-9)
+    assert (tmp_path / "t_maps.png").exists() and (tmp_path / "t_stats.png").exists()
+    # maps scaled by 1.2 have C_ell scaled by exactly 1.44 in every bin
+    scaled = sample_check(_Stub(1.2 * ref, 32, 2.0), ref)
+    assert scaled["metrics"]["cl_frac_max"] == pytest.approx(0.44, rel=1e-9)
+    assert scaled["metrics"]["cl_frac_mean"] == pytest.approx(0.44, rel=1e-9)
+    assert scaled["metrics"]["std_ratio"] == pytest.approx(1.2, rel=1e-9)
+    # independent maps of the same field: C_ell within the sample variance of 64 maps
+    other = sample_check(_Stub(_grf(64, 32, 1), 32, 2.0), ref)
+    assert other["metrics"]["cl_frac_mean"] < 0.15
+    bad = np.full_like(ref, np.nan)
+    res = sample_check(_Stub(bad, 32, 2.0), ref)
+    assert res["metrics"]["nonfinite_samples"] == 64 and math.isnan(res["metrics"]["cl_frac_max"])
