@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ def test_ground_floor_imports_no_higher_floor():
 
 
 def test_every_config_group_is_packaged():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(cfg["packages"])
     for d in sorted(p for p in (ROOT / "conf").rglob("*") if p.is_dir() and p.name != "__pycache__"):
