@@ -697,8 +697,9 @@ def sample_check(
     smoothing (``check.smoothing_arcmin``, default 2 pixels), peak counts and the pixel PDF on ``n_bins``
     bins between the 0.5% and 99.5% (PDF) / 50% and 99.9% (peaks) quantiles of the smoothed reference
     pixels. Fractional errors ``mean(sample)/mean(reference) - 1`` per bin are summarised by their max and
-    mean absolute value over bins (peak and PDF bins where the reference mean is below 1% of its largest
-    bin are left out: their ratios are noise). Non-finite samples are dropped and counted.
+    mean absolute value over bins. Bins whose ratio is mostly noise are left out: peak bins with fewer than
+    100 reference peaks in all (or than half the fullest bin, for small checks), and peak or PDF bins below
+    1% of the largest bin. Non-finite samples are dropped and counted.
 
     Returns ``{"metrics": {...}, "figures": {name: path}, "bins": {...}, "samples": array or None}``
     (the samples only with ``keep_samples``).
@@ -766,7 +767,11 @@ def sample_check(
     pk_s = flat(stats.peak_counts(sm_s, peak_edges, periodic=periodic, border=border))
     pdf_r = flat(stats.pixel_pdf(sm_r, pdf_edges, border=border))
     pdf_s = flat(stats.pixel_pdf(sm_s, pdf_edges, border=border))
-    pk_mask = pk_r.mean(0) >= 0.01 * pk_r.mean(0).max()
+    # Peak bins count only with >= 100 reference peaks in all (Poisson noise <= 10%; fewer for tiny
+    # checks: half the fullest bin), so the max is not set by the sparse tail; PDF bins (many pixels
+    # each) with >= 1% of the largest density.
+    total = pk_r.sum(0)
+    pk_mask = (total >= min(100.0, 0.5 * total.max())) & (pk_r.mean(0) >= 0.01 * pk_r.mean(0).max())
     pdf_mask = pdf_r.mean(0) >= 0.01 * pdf_r.mean(0).max()
     pmax, pmean, pfrac = _frac(pk_r, pk_s, pk_mask)
     dmax, dmean, dfrac = _frac(pdf_r, pdf_s, pdf_mask)

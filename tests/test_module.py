@@ -267,3 +267,9 @@ def test_sample_check_fractional_errors(tmp_path):
     bad = np.full_like(ref, np.nan)
     res = sample_check(_Stub(bad, 32, 2.0), ref)
     assert res["metrics"]["nonfinite_samples"] == 64 and math.isnan(res["metrics"]["cl_frac_max"])
+
+
+def test_padding_follows_the_periodicity_of_the_maps():
+    assert GlowModule(model=SMALL, map_meta=_meta(periodic=True)).glow.padding == "circular"
+    assert GlowModule(model=SMALL, map_meta=_meta(periodic=False)).glow.padding == "zero"
+    assert GlowModule(model={**SMALL, "padding": "zero"}, map_meta=_meta(periodic=True)).glow.padding == "zero"
