@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from lensflow.flows import Glow, Preprocess
@@ -51,7 +50,6 @@ def test_exact_reference_agrees_with_dense_gaussian():
     np.testing.assert_allclose(_exact_log_prob(x.reshape(3, N, N), p), dense, rtol=1e-8)
 
 
-@pytest.mark.slow
 def test_glow_learns_gaussian_random_field_to_exact_likelihood():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small model: one thread is fastest and immune to a busy machine
@@ -87,6 +85,7 @@ def test_glow_learns_gaussian_random_field_to_exact_likelihood():
         torch.set_num_threads(threads)
     gap = model_bpd - exact_bpd
     assert start_gap > 0.2  # the task is not trivially solved at initialisation
+    print(f"held-out bits/dim {model_bpd:.4f}, exact {exact_bpd:.4f}, gap {gap:.4f} (start {start_gap:.3f})")
     assert gap < 0.05, (model_bpd, exact_bpd)
     # the exact law is the best possible model: beating it by more than held-out noise means a wrong density
     assert gap > -0.01, (model_bpd, exact_bpd)
