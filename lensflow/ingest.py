@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from lensflow.cli import hydra_cli
 from lensflow.fitsio import FitsMapError, is_healpix_fits, read_fits
 from lensflow.mapstore import MapStoreWriter, StoreMeta
 from lensflow.provenance import provenance
@@ -440,29 +439,8 @@ def _param_array(p: Mapping[str, np.ndarray], names: Sequence[str], n: int) -> n
     return np.stack([np.asarray(p[nm], dtype=np.float32) for nm in names], axis=1) if names else np.zeros((n, 0))
 
 
-_STATE = {"entered": False}
-
-
-@hydra.main(config_path="pkg://lensflow.conf", config_name="ingest", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    _STATE["entered"] = True
-    try:
-        path = ingest(cfg)
-    except (ValueError, OSError, OmegaConfBaseException) as e:
-        msg = str(e).strip().splitlines()
-        print(f"error: {msg[0] if msg else e.__class__.__name__}", file=sys.stderr)
-        sys.exit(2)
-    print(path)
-
-
-def main() -> None:
-    """``python -m lensflow.ingest input=... out=... [key=value ...]``: exit 0 done, 2 bad input."""
-    try:
-        _hydra_main()
-    except SystemExit as e:
-        if not _STATE["entered"] and e.code not in (0, None):
-            sys.exit(2)  # Hydra rejected the command line and has said why
-        raise
+main = hydra_cli("ingest", ingest)
+main.__doc__ = "``python -m lensflow.ingest input=... out=... [key=value ...]``: exit 0 done, 2 bad input."
 
 
 if __name__ == "__main__":

@@ -26,11 +26,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from lensflow.cli import hydra_cli
 from lensflow.mapstore import MapStoreError, MapStoreWriter, StoreMeta, open_store
 from lensflow.provenance import provenance
 from lensflow.sims.theory import check_cosmology, hilbert2011_shift, parse_sources, source_labels
@@ -373,29 +372,8 @@ def ensure_simulated(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
     return path
 
 
-_STATE = {"entered": False}
-
-
-@hydra.main(config_path="pkg://lensflow.conf", config_name="simulate", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    _STATE["entered"] = True
-    try:
-        path = simulate(cfg)
-    except (ValueError, OSError, OmegaConfBaseException) as e:
-        msg = str(e).strip().splitlines()
-        print(f"error: {msg[0] if msg else e.__class__.__name__}", file=sys.stderr)
-        sys.exit(2)
-    print(path)
-
-
-def main() -> None:
-    """``python -m lensflow.simulate key=value ...``: exit 0 done, 2 bad input (one ``error:`` line)."""
-    try:
-        _hydra_main()
-    except SystemExit as e:
-        if not _STATE["entered"] and e.code not in (0, None):
-            sys.exit(2)  # Hydra rejected the command line and has said why
-        raise
+main = hydra_cli("simulate", simulate)
+main.__doc__ = "``python -m lensflow.simulate key=value ...``: exit 0 done, 2 bad input (one ``error:`` line)."
 
 
 if __name__ == "__main__":
