@@ -47,6 +47,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from lensflow.cli import one_line, precheck
 from lensflow.data import KappaDataModule
 from lensflow.mapstore import MapStoreError, StoreMeta, write_store
 from lensflow.module import (
@@ -575,59 +576,33 @@ def _print_summary(s: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
-    return msg or type(e).__name__
-
-
-def _precheck(overrides: list[str]) -> None:
-    """Compose the config once before Hydra runs, so typos give one line and exit code 2."""
-    if any(a.startswith("-") for a in overrides):
-        return  # --help, --cfg, --multirun, ...: leave them to Hydra
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
-    try:
-        with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-            compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        msg = _one_line(e).split("Config search path:")[0]
-        msg = msg.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "")
-        msg = msg.replace("Available options in", "; available options in")
-        print(f"error: config: {msg.strip()}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 @hydra.main(config_path="pkg://lensflow.conf", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except TrainingDivergedError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except NonFiniteCheckpointError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as e:
         if os.environ.get("LENSFLOW_DEBUG"):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         if isinstance(e, MisconfigurationException) and not os.environ.get("LENSFLOW_DEBUG"):
-            print(f"error: {_one_line(e)}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
         raise
 
 
 def main() -> None:
     """Console entry point (``python -m lensflow.train``)."""
-    _precheck(sys.argv[1:])
+    precheck("train", sys.argv[1:])
     _hydra_main()
 
 
