@@ -72,12 +72,26 @@ def minkowski_tensor(
     # (measure-zero) critical points to 0 without a branch
     num = torch.mul(a, b).mul_(cxy).addcmul_(a2, kyy, value=-2.0).addcmul_(b2, kxx, value=-2.0)
     curv = num.div_(g2.clamp_(min=torch.finfo(g2.dtype).tiny))
-    nm = 2 * bins.nb
     idx = bins.merged.index(c, torch.arange(n, device=x.device).view(n, 1, 1))
     count = bins.merged.table(idx, n, None, x.dtype)
-    s_grad = bins.merged.table(idx, n, grad, x.dtype)[:, 1 : nm + 1]
-    s_curv = bins.merged.table(idx, n, curv, x.dtype)[:, 1 : nm + 1]
-    npix_region = c.shape[-1] * c.shape[-2]
+    s_grad = bins.merged.table(idx, n, grad, x.dtype)
+    s_curv = bins.merged.table(idx, n, curv, x.dtype)
+    return minkowski_from_tables(count, s_grad, s_curv, bins, c.shape[-1] * c.shape[-2], pixel_arcmin)
+
+
+def minkowski_from_tables(
+    count: torch.Tensor,
+    s_grad: torch.Tensor,
+    s_curv: torch.Tensor,
+    bins: MinkowskiBins,
+    npix_region: int,
+    pixel_arcmin: float,
+) -> torch.Tensor:
+    """[N, 3, nbins] V0–V2 from per-map tables over the merged slots (underflow, 2·nbins - 1... bins,
+    overflow): pixel counts, sums of 2|∇κ| and sums of twice the curvature term (pixel units)."""
+    nm = 2 * bins.nb
+    s_grad = s_grad[:, 1 : nm + 1]
+    s_curv = s_curv[:, 1 : nm + 1]
     # pixels >= m_b: merged bins 2b+1 ... 2nb-1 plus the overflow slot (>= t_n)
     tail = count.flip(1).cumsum(1).flip(1)
     v0 = tail[:, 2:-1:2] / npix_region

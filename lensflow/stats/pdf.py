@@ -48,11 +48,16 @@ def moments_tensor(x: torch.Tensor) -> torch.Tensor:
     m2 = d2.mean(dim=1)
     m3 = (d2 * d).mean(dim=1)
     m4 = (d2 * d2).mean(dim=1)
+    return moments_from_central(mean[:, 0], m2, m3, m4)
+
+
+def moments_from_central(mean: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor, m4: torch.Tensor) -> torch.Tensor:
+    """[N, 4] (mean, variance, skewness, excess kurtosis) from the mean and central moments m2–m4."""
     # a constant map has no defined skewness or kurtosis: report 0 rather than nan
     safe = torch.where(m2 > 0, m2, torch.ones_like(m2))
     skew = torch.where(m2 > 0, m3 / safe**1.5, torch.zeros_like(m2))
     kurt = torch.where(m2 > 0, m4 / safe**2 - 3.0, torch.zeros_like(m2))
-    return torch.stack([mean[:, 0], m2, skew, kurt], dim=1)
+    return torch.stack([mean, m2, skew, kurt], dim=1)
 
 
 def moments(maps: ArrayLike, border: int = 0) -> ArrayLike:

@@ -1,0 +1,397 @@
+"""Fused CPU kernels behind :func:`lensflow.stats.summarize` (numba).
+
+The torch implementation of every statistic makes one pass over memory per elementary operation (about
+60–80 float64 passes per pixel and smoothing scale).  On CPU that, not arithmetic, bounds the speed.
+These kernels do the same arithmetic in one pass per map while the map sits in cache: smoothing,
+peaks, minima, PDF, Minkowski tables and moments for one smoothing scale; C_ℓ binning of a transform.
+
+They are serial and release the GIL (``nogil``); :mod:`lensflow.stats.summary` runs them on blocks of
+maps from a pool of threads, so the numpy noise draws and FFTs of the same blocks run in parallel too.
+The torch path stays the reference: tests require both to agree to round-off, and it serves GPUs.
+Definitions (bins, regions, finite differences) are documented on the torch functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # numba is a dependency, but a broken llvmlite must not take the whole package down
+    from numba import njit
+
+    AVAILABLE = True
+except Exception:  # pragma: no cover - exercised only without numba
+    AVAILABLE = False
+
+    def njit(*args, **kwargs):  # type: ignore[no-redef]
+        def wrap(f):
+            return f
+
+        return wrap
+
+
+# bin specification: [uniform (0/1), e0, 1/width, near] next to the edges array (see stats._array.Bins)
+
+
+def bin_spec(edges: np.ndarray, uniform: bool, e0: float, inv: float, near: float) -> np.ndarray:
+    return np.array([1.0 if uniform else 0.0, e0, inv, near])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _slot(v, e, uniform, e0, inv, near, close_last):
+    """Slot of v in a table of nbins + 2 slots: 0 below, b + 1 for bin b, nbins + 1 above.
+
+    Same rule as ``Bins.index``: arithmetic on uniform edges, exact comparison near an edge.
+    """
+    nb = e.size - 1
+    if uniform:
+        t = (v - e0) * inv
+        f = math.floor(t)
+        if abs(t - f - 0.5) <= 0.5 - near:
+            if f < -1.0:
+                f = -1.0
+            elif f > nb:
+                f = float(nb)
+            return int(f) + 1
+    # number of edges <= v (bucketize, right=True)
+    lo = 0
+    hi = e.size
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if e[mid] <= v:
+            lo = mid + 1
+        else:
+            hi = mid
+    if close_last and v == e[nb]:
+        return nb
+    return lo
+
+
+@njit(cache=True, nogil=True)
+def _smooth_pass_rows(src, dst, w, periodic):
+    """dst = src convolved with the symmetric kernel w along the last axis (zero or periodic boundary,
+    kernel radius < n).  One output row at a time stays in L1 while every tap is added."""
+    h, n = src.shape
+    r = (w.size - 1) // 2
+    wc = w[r]
+    for i in range(h):
+        s = src[i]
+        d = dst[i]
+        for j in range(n):
+            d[j] = s[j] * wc
+        # one multiply per pair of taps k, -k (the pair is added first, then scaled: round-off-level
+        # differences from the torch path)
+        for k in range(1, r + 1):
+            wt = w[r + k]
+            for j in range(k, n - k):
+                d[j] += wt * (s[j - k] + s[j + k])
+            for j in range(0, min(k, n)):  # left edge: s[j - k] is outside
+                right = s[j + k] if j + k < n else (s[j + k - n] if periodic else 0.0)
+                left = s[j - k + n] if periodic else 0.0
+                d[j] += wt * (left + right)
+            for j in range(max(n - k, k), n):  # right edge: s[j + k] is outside
+                left = s[j - k] if j - k >= 0 else (s[j - k + n] if periodic else 0.0)
+                right = s[j + k - n] if periodic else 0.0
+                d[j] += wt * (left + right)
+
+
+@njit(cache=True, nogil=True)
+def _smooth_pass_cols(src, dst, w, periodic, off):
+    """dst[off:, off:] = src convolved with the symmetric kernel w along the first axis, an output row
+    at a time (it stays in L1 while the taps' source rows stream through); ``dst`` may be a padded
+    array, hence ``off``."""
+    h, n = src.shape
+    r = (w.size - 1) // 2
+    wc = w[r]
+    for i in range(h):
+        d = dst[i + off]
+        s = src[i]
+        for j in range(n):
+            d[j + off] = s[j] * wc
+        for k in range(1, r + 1):
+            wt = w[r + k]
+            qa = i - k
+            qb = i + k
+            if periodic:
+                qa = qa + h if qa < 0 else qa
+                qb = qb - h if qb >= h else qb
+            elif qa < 0 or qb >= h:
+                if qa >= 0:
+                    sa = src[qa]
+                    for j in range(n):
+                        d[j + off] += wt * sa[j]
+                elif qb < h:
+                    sb = src[qb]
+                    for j in range(n):
+                        d[j + off] += wt * sb[j]
+                continue
+            sa = src[qa]
+            sb = src[qb]
+            for j in range(n):
+                d[j + off] += wt * (sa[j] + sb[j])
+
+
+@njit(cache=True, nogil=True)
+def scale_stats(
+    x,
+    w,
+    periodic,
+    border,
+    flags,
+    pk_e,
+    pk_s,
+    mn_e,
+    mn_s,
+    pdf_e,
+    pdf_s,
+    mk_e,
+    mk_s,
+    out_pk,
+    out_mn,
+    out_pdf,
+    out_cnt,
+    out_grad,
+    out_curv,
+    out_mom,
+):
+    """One smoothing scale of [N, H, W] maps: smooth with the 1-D kernel ``w`` (length 1 = unsmoothed),
+    then fill per map:
+
+    * ``out_pk``, ``out_mn`` [N, nb]: strict 8-neighbour maxima / minima by height bin;
+    * ``out_pdf`` [N, nb]: pixel counts by bin (on the region outside ``border``);
+    * ``out_cnt``, ``out_grad``, ``out_curv`` [N, nm + 2]: per merged Minkowski slot, pixel counts and
+      sums of 2|∇κ| and of twice the curvature term (the tables of ``minkowski_tensor``);
+    * ``out_mom`` [N, 4]: mean and the central moments m2, m3, m4.
+
+    ``flags``: do peaks, minima, pdf, Minkowski, moments.  Regions as in the torch path: peaks, minima
+    and Minkowski use pixels with a full stencil, cut by ``border`` (at least 1 without ``periodic``);
+    PDF and moments all pixels outside ``border``.  Each row is done in two sweeps: a branch-free one
+    (neighbour extremes, derivatives) that the compiler vectorizes, then the binning, which adds runs of
+    pixels falling in the same slot in registers (neighbouring pixels of a smooth map mostly do).
+    """
+    n, h, wd = x.shape
+    smooth = w.size > 1
+    tmp = np.empty((h, wd))
+    pad = np.zeros((h + 2, wd + 2))  # the map with a one-pixel ring (wrapped when periodic)
+    nmax = np.empty(wd + 2)
+    nmin = np.empty(wd + 2)
+    grad = np.empty(wd + 2)
+    curv = np.empty(wd + 2)
+    slot = np.empty(wd + 2, np.int64)
+    pidx = np.empty(wd + 2, np.int64)
+    midx = np.empty(wd + 2, np.int64)
+    # without the sweep of one kind of extremum, no pixel qualifies as one
+    nmax[:] = np.inf
+    nmin[:] = -np.inf
+    tab = np.zeros((2, mk_e.size + 1, 3))  # Minkowski slots x (count, 2|∇κ|, curvature), twice
+    ptab = np.zeros((2, pdf_e.size + 1))
+    b0 = border if periodic else max(border, 1)
+    do_pk, do_mn, do_pdf, do_mk, do_mom = flags[0] != 0, flags[1] != 0, flags[2] != 0, flags[3] != 0, flags[4] != 0
+    pk_u, pk_0, pk_i, pk_n = pk_s[0] != 0.0, pk_s[1], pk_s[2], pk_s[3]
+    mn_u, mn_0, mn_i, mn_n = mn_s[0] != 0.0, mn_s[1], mn_s[2], mn_s[3]
+    npk = pk_e.size - 1
+    nmn = mn_e.size - 1
+    npdf = pdf_e.size - 1
+    tiny = 2.2250738585072014e-308
+    lo = b0 + 1  # padded columns and rows of the stencil region
+    hi = wd - b0 + 1
+    for m in range(n):
+        if smooth:
+            _smooth_pass_rows(x[m], tmp, w, periodic)
+            _smooth_pass_cols(tmp, pad, w, periodic, 1)
+        else:
+            xm = x[m]
+            for i in range(h):
+                for j in range(wd):
+                    pad[i + 1, j + 1] = xm[i, j]
+        if periodic:
+            for j in range(1, wd + 1):
+                pad[0, j] = pad[h, j]
+                pad[h + 1, j] = pad[1, j]
+            for i in range(h + 2):
+                pad[i, 0] = pad[i, wd]
+                pad[i, wd + 1] = pad[i, 1]
+        if do_pk:
+            out_pk[m, :] = 0.0
+        if do_mn:
+            out_mn[m, :] = 0.0
+        if do_mk:
+            tab[:, :, :] = 0.0
+        if do_pk or do_mn or do_mk:
+            for i in range(b0 + 1, h - b0 + 1):
+                dn = pad[i - 1]
+                mid = pad[i]
+                up = pad[i + 1]
+                # one output array per sweep: with more, the vectorizer gives up on its alias checks
+                if do_pk:
+                    for j in range(lo, hi):
+                        hu = max(max(up[j - 1], up[j]), up[j + 1])
+                        hd = max(max(dn[j - 1], dn[j]), dn[j + 1])
+                        nmax[j] = max(max(hu, hd), max(mid[j - 1], mid[j + 1]))
+                if do_mn:
+                    for j in range(lo, hi):
+                        lu = min(min(up[j - 1], up[j]), up[j + 1])
+                        ld = min(min(dn[j - 1], dn[j]), dn[j + 1])
+                        nmin[j] = min(min(lu, ld), min(mid[j - 1], mid[j + 1]))
+                if do_pk or do_mn:
+                    # branch-free compaction of the candidates (a data-dependent branch per pixel
+                    # mispredicts often), then binning of the few extrema
+                    npk_row = 0
+                    nmn_row = 0
+                    for j in range(lo, hi):
+                        c = mid[j]
+                        pidx[npk_row] = j
+                        npk_row += c > nmax[j]
+                        midx[nmn_row] = j
+                        nmn_row += c < nmin[j]
+                    if do_pk:
+                        for q in range(npk_row):
+                            s = _slot(mid[pidx[q]], pk_e, pk_u, pk_0, pk_i, pk_n, True)
+                            if 1 <= s <= npk:
+                                out_pk[m, s - 1] += 1.0
+                    if do_mn:
+                        for q in range(nmn_row):
+                            s = _slot(mid[midx[q]], mn_e, mn_u, mn_0, mn_i, mn_n, True)
+                            if 1 <= s <= nmn:
+                                out_mn[m, s - 1] += 1.0
+                if do_mk:
+                    for j in range(lo, hi):
+                        a = mid[j + 1] - mid[j - 1]
+                        b = up[j] - dn[j]
+                        grad[j] = math.sqrt(a * a + b * b)
+                    for j in range(lo, hi):
+                        c = mid[j]
+                        a = mid[j + 1] - mid[j - 1]
+                        b = up[j] - dn[j]
+                        kxx = (mid[j + 1] + mid[j - 1]) - 2.0 * c
+                        kyy = (up[j] + dn[j]) - 2.0 * c
+                        cxy = ((up[j + 1] - up[j - 1]) - dn[j + 1]) + dn[j - 1]
+                        a2 = a * a
+                        b2 = b * b
+                        curv[j] = (a * b * cxy - 2.0 * a2 * kyy - 2.0 * b2 * kxx) / max(a2 + b2, tiny)
+                    _slots(mid, lo, hi, mk_e, mk_s, False, slot)
+                    # neighbours mostly share a slot: alternate two tables so that consecutive
+                    # additions do not wait on each other through memory
+                    for j in range(lo, hi - 1, 2):
+                        s = slot[j]
+                        tab[0, s, 0] += 1.0
+                        tab[0, s, 1] += grad[j]
+                        tab[0, s, 2] += curv[j]
+                        s = slot[j + 1]
+                        tab[1, s, 0] += 1.0
+                        tab[1, s, 1] += grad[j + 1]
+                        tab[1, s, 2] += curv[j + 1]
+                    if (hi - lo) % 2:
+                        s = slot[hi - 1]
+                        tab[0, s, 0] += 1.0
+                        tab[0, s, 1] += grad[hi - 1]
+                        tab[0, s, 2] += curv[hi - 1]
+        if do_mk:
+            for s in range(out_cnt.shape[1]):
+                out_cnt[m, s] = tab[0, s, 0] + tab[1, s, 0]
+                out_grad[m, s] = tab[0, s, 1] + tab[1, s, 1]
+                out_curv[m, s] = tab[0, s, 2] + tab[1, s, 2]
+        if do_pdf:
+            ptab[:, :] = 0.0
+            jlo = border + 1
+            jhi = wd - border + 1
+            for i in range(border + 1, h - border + 1):
+                _slots(pad[i], jlo, jhi, pdf_e, pdf_s, True, slot)
+                for j in range(jlo, jhi - 1, 2):
+                    ptab[0, slot[j]] += 1.0
+                    ptab[1, slot[j + 1]] += 1.0
+                if (jhi - jlo) % 2:
+                    ptab[0, slot[jhi - 1]] += 1.0
+            for b in range(npdf):
+                out_pdf[m, b] = ptab[0, b + 1] + ptab[1, b + 1]
+        if do_mom:
+            _moments(pad, border + 1, h - border + 1, wd - border + 1, out_mom[m])
+
+
+@njit(cache=True, nogil=True)
+def _slots(row, lo, hi, e, spec, close_last, out):
+    """out[j] = _slot(row[j]) for j in [lo, hi): the arithmetic sweep first (branch-free), then the
+    rare values near an edge again by exact comparison."""
+    nb = e.size - 1
+    if spec[0] != 0.0:
+        e0 = spec[1]
+        inv = spec[2]
+        lim = 0.5 - spec[3]
+        fix = False
+        for j in range(lo, hi):
+            t = (row[j] - e0) * inv
+            f = math.floor(t)
+            fix |= abs(t - f - 0.5) > lim
+            out[j] = int(min(max(f, -1.0), float(nb))) + 1
+        if not fix:
+            return
+        for j in range(lo, hi):
+            t = (row[j] - e0) * inv
+            if abs(t - math.floor(t) - 0.5) > lim:
+                out[j] = _slot(row[j], e, False, 0.0, 0.0, 0.0, close_last)
+        return
+    for j in range(lo, hi):
+        out[j] = _slot(row[j], e, False, 0.0, 0.0, 0.0, close_last)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _moments(pad, lo, hi, hj, out):
+    """out = mean, m2, m3, m4 of pad[lo:hi, lo:hj] (reassociated sums vectorize; round-off level)."""
+    total = 0.0
+    for i in range(lo, hi):
+        row = pad[i]
+        for j in range(lo, hj):
+            total += row[j]
+    cnt = float((hi - lo) * (hj - lo))
+    mean = total / cnt
+    s2 = 0.0
+    s3 = 0.0
+    s4 = 0.0
+    for i in range(lo, hi):
+        row = pad[i]
+        for j in range(lo, hj):
+            d = row[j] - mean
+            d2 = d * d
+            s2 += d2
+            s3 += d2 * d
+            s4 += d2 * d2
+    out[0] = mean
+    out[1] = s2 / cnt
+    out[2] = s3 / cnt
+    out[3] = s4 / cnt
+
+
+@njit(cache=True, nogil=True)
+def bin_spectra(f, slot, coef, pair_a, pair_b, out):
+    """out[m, p, b] = Σ_k coef[k] Re(f[m, a_p, k] conj f[m, b_p, k]) over the modes k of bin b.
+
+    ``f`` [N, C, M]: rfft2 planes, flattened; ``slot`` [M]: bin of each mode (-1: none); ``coef``:
+    A_pix² / A times the mode's weight (2 for a mode standing for its mirror image, 1 for a
+    self-conjugate one) over the bin's number of modes.  Pairs (a, a) give auto spectra.
+    """
+    n = f.shape[0]
+    nb = out.shape[2]
+    acc = np.empty(nb)
+    for m in range(n):
+        for p in range(pair_a.size):
+            fa = f[m, pair_a[p]]
+            fb = f[m, pair_b[p]]
+            acc[:] = 0.0
+            for k in range(slot.size):
+                b = slot[k]
+                if b >= 0:
+                    u = fa[k]
+                    v = fb[k]
+                    acc[b] += coef[k] * (u.real * v.real + u.imag * v.imag)
+            out[m, p, :] = acc
+
+
+@njit(cache=True, nogil=True)
+def add_scaled(x, noise, sigma, out):
+    """out = x + sigma · noise, element-wise (flattened), in one pass."""
+    xf = x.reshape(-1)
+    nf = noise.reshape(-1)
+    of = out.reshape(-1)
+    for k in range(xf.size):
+        of[k] = xf[k] + sigma * nf[k]

@@ -1,0 +1,126 @@
+"""The fused CPU kernels of :func:`lensflow.stats.summarize` against its torch path (the reference, itself
+tested against brute-force loops and Gaussian theory in test_stats*.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+import lensflow.stats as S
+from lensflow.stats import _fused
+
+pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba is not importable")
+
+
+def _maps(shape: tuple[int, ...], seed: int, sigma_pix: float = 1.0) -> np.ndarray:
+    """Skewed, correlated κ-like maps of the given shape [..., H, W]."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape)
+    g = ndi.gaussian_filter(w, [0] * (len(shape) - 2) + [sigma_pix, sigma_pix], mode="wrap")
+    g /= g.std()
+    return 0.01 * (g + 0.3 * g**2)
+
+
+def _cfg(**kw) -> S.SummaryConfig:
+    base = dict(
+        pixel_arcmin=1.5,
+        smoothing_arcmin=(0.0, 1.5, 4.0),
+        ell_nbins=8,
+        bin_units="kappa",
+        peak_edges=tuple(np.linspace(-0.01, 0.05, 9)),
+        minima_edges=tuple(np.linspace(-0.05, 0.01, 9)),
+        pdf_edges=tuple(np.linspace(-0.03, 0.05, 11)),
+        minkowski_thresholds=tuple(np.linspace(-0.02, 0.04, 13)),
+    )
+    base.update(kw)
+    return S.SummaryConfig(**base)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        assert x.shape == y.shape, k
+        if k.split("@")[0] in ("peaks", "minima", "pdf", "v0"):
+            # counts: identical (a value would have to sit within round-off of an edge to differ)
+            np.testing.assert_array_equal(x, y, err_msg=k)
+        else:
+            scale = max(1e-300, float(np.abs(y).max()))
+            np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12 * scale, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "shape, kw",
+    [
+        ((6, 48, 48), {}),
+        ((6, 48, 48), {"periodic": True}),
+        ((6, 48, 48), {"border_arcmin": 3.0}),
+        ((6, 48, 48), {"periodic": True, "border_arcmin": 1.5}),
+        ((5, 33, 33), {}),  # odd size
+        ((4, 2, 32, 32), {}),  # two channels with cross spectra
+        ((4, 3, 32, 32), {"cross": False}),
+        ((40, 40), {}),  # one map
+        # non-uniform edges take the exact (binary search) path
+        ((6, 48, 48), {"peak_edges": (-0.01, 0.0, 0.003, 0.01, 0.03, 0.05), "pdf_edges": (-0.03, -0.01, 0.0, 0.02)}),
+        ((6, 48, 48), {"statistics": ("peaks", "minkowski")}),
+        ((6, 48, 48), {"statistics": ("pdf", "moments")}),
+    ],
+)
+def test_fused_equals_torch(shape, kw):
+    maps = _maps(shape, seed=len(shape) * 7 + shape[-1])
+    cfg = _cfg(**kw)
+    _assert_same(S.summarize(maps, cfg, backend="fused"), S.summarize(maps, cfg, backend="torch"))
+
+
+def test_fused_equals_torch_with_noise_and_nu_bins():
+    maps = _maps((7, 40, 40), seed=3)
+    cfg = _cfg(sigma_e=0.26, n_gal=30.0, noise_seed=9, bin_units="nu",
+               peak_edges=tuple(np.linspace(-2, 5, 8)), minima_edges=tuple(np.linspace(-5, 2, 8)),
+               pdf_edges=tuple(np.linspace(-4, 5, 10)), minkowski_thresholds=tuple(np.linspace(-2, 3, 11)))  # fmt: skip
+    _assert_same(S.summarize(maps, cfg, backend="fused"), S.summarize(maps, cfg, backend="torch"))
+    # a numpy generator (one stream in map order) and a CPU torch generator work on both paths too
+    for make in (lambda: np.random.default_rng(4), lambda: torch.Generator().manual_seed(4)):
+        _assert_same(
+            S.summarize(maps, cfg, generator=make(), backend="fused"),
+            S.summarize(maps, cfg, generator=make(), backend="torch"),
+        )
+
+
+def test_fused_results_do_not_depend_on_threads_or_blocks(monkeypatch):
+    maps = torch.from_numpy(_maps((23, 32, 32), seed=5))
+    cfg = _cfg(sigma_e=0.3, noise_seed=2, bin_units="kappa")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = S.summarize(maps, cfg, backend="fused")
+        torch.set_num_threads(2)
+        monkeypatch.setattr(S.summary, "_FUSED_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3 maps
+        two = S.summarize(maps, cfg, backend="fused")
+    finally:
+        torch.set_num_threads(old)
+    for k in one:
+        assert isinstance(one[k], torch.Tensor) and one[k].dtype == torch.float64
+        torch.testing.assert_close(one[k], two[k], rtol=0, atol=0, msg=k)
+
+
+def test_float32_tensor_in_float32_out():
+    maps = torch.from_numpy(_maps((4, 32, 32), seed=6)).float()
+    cfg = _cfg()
+    out = S.summarize(maps, cfg)
+    assert all(v.dtype == torch.float32 for v in out.values())
+    ref = S.summarize(maps, cfg, backend="torch")
+    for k in out:
+        torch.testing.assert_close(out[k], ref[k], msg=k)
+
+
+def test_backend_argument():
+    maps = _maps((2, 16, 16), seed=1)
+    with pytest.raises(ValueError, match="backend"):
+        S.summarize(maps, _cfg(), backend="numba!")
+    # a kernel as wide as the map: 'fused' refuses, 'auto' falls back to torch
+    wide = _cfg(smoothing_arcmin=(6.0,), pixel_arcmin=1.5)
+    with pytest.raises(ValueError, match="backend: 'fused'"):
+        S.summarize(maps, wide, backend="fused")
+    _assert_same(S.summarize(maps, wide), S.summarize(maps, wide, backend="torch"))
