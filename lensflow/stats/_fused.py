@@ -68,39 +68,22 @@ def _slot(v, e, uniform, e0, inv, near, close_last):
     return lo
 
 
-@njit(cache=True, nogil=True)
-def _smooth_pass_rows(src, dst, w, periodic):
-    """dst = src convolved with the symmetric kernel w along the last axis (zero or periodic boundary,
-    kernel radius < n).  One output row at a time stays in L1 while every tap is added."""
-    h, n = src.shape
-    r = (w.size - 1) // 2
-    wc = w[r]
-    for i in range(h):
-        s = src[i]
-        d = dst[i]
-        for j in range(n):
-            d[j] = s[j] * wc
-        # one multiply per pair of taps k, -k (the pair is added first, then scaled: round-off-level
-        # differences from the torch path)
-        for k in range(1, r + 1):
-            wt = w[r + k]
-            for j in range(k, n - k):
-                d[j] += wt * (s[j - k] + s[j + k])
-            for j in range(0, min(k, n)):  # left edge: s[j - k] is outside
-                right = s[j + k] if j + k < n else (s[j + k - n] if periodic else 0.0)
-                left = s[j - k + n] if periodic else 0.0
-                d[j] += wt * (left + right)
-            for j in range(max(n - k, k), n):  # right edge: s[j + k] is outside
-                left = s[j - k] if j - k >= 0 else (s[j - k + n] if periodic else 0.0)
-                right = s[j + k - n] if periodic else 0.0
-                d[j] += wt * (left + right)
+@njit(cache=True, nogil=True, inline="always")
+def _row(src, q, h, periodic, zero):
+    """Row q of src with zero (a row of zeros) or periodic boundary (-h <= q < 2h)."""
+    if 0 <= q < h:
+        return src[q]
+    if not periodic:
+        return zero
+    return src[q + h] if q < 0 else src[q - h]
 
 
 @njit(cache=True, nogil=True)
-def _smooth_pass_cols(src, dst, w, periodic, off):
-    """dst[off:, off:] = src convolved with the symmetric kernel w along the first axis, an output row
-    at a time (it stays in L1 while the taps' source rows stream through); ``dst`` may be a padded
-    array, hence ``off``."""
+def _smooth_cols(src, dst, w, periodic, off, zero):
+    """dst[off + i, off + j] = Σ_k w[k] src[i + k - r, j]: the symmetric kernel ``w`` along the first axis
+    (zero or periodic boundary, radius < h).  An output row stays in L1 while the source rows stream
+    through it, up to four pairs of rows (i - k, i + k) per sweep, so most taps cost a load, not a
+    read-modify-write.  ``dst`` may be padded, hence ``off``."""
     h, n = src.shape
     r = (w.size - 1) // 2
     wc = w[r]
@@ -109,27 +92,48 @@ def _smooth_pass_cols(src, dst, w, periodic, off):
         s = src[i]
         for j in range(n):
             d[j + off] = s[j] * wc
-        for k in range(1, r + 1):
-            wt = w[r + k]
-            qa = i - k
-            qb = i + k
-            if periodic:
-                qa = qa + h if qa < 0 else qa
-                qb = qb - h if qb >= h else qb
-            elif qa < 0 or qb >= h:
-                if qa >= 0:
-                    sa = src[qa]
-                    for j in range(n):
-                        d[j + off] += wt * sa[j]
-                elif qb < h:
-                    sb = src[qb]
-                    for j in range(n):
-                        d[j + off] += wt * sb[j]
-                continue
-            sa = src[qa]
-            sb = src[qb]
-            for j in range(n):
-                d[j + off] += wt * (sa[j] + sb[j])
+        k = 1
+        while k <= r:
+            g = min(4, r - k + 1)
+            a1 = _row(src, i - k, h, periodic, zero)
+            b1 = _row(src, i + k, h, periodic, zero)
+            w1 = w[r + k]
+            if g == 4:
+                a2 = _row(src, i - k - 1, h, periodic, zero)
+                b2 = _row(src, i + k + 1, h, periodic, zero)
+                a3 = _row(src, i - k - 2, h, periodic, zero)
+                b3 = _row(src, i + k + 2, h, periodic, zero)
+                a4 = _row(src, i - k - 3, h, periodic, zero)
+                b4 = _row(src, i + k + 3, h, periodic, zero)
+                w2 = w[r + k + 1]
+                w3 = w[r + k + 2]
+                w4 = w[r + k + 3]
+                for j in range(n):
+                    d[j + off] += (w1 * (a1[j] + b1[j]) + w2 * (a2[j] + b2[j])) + (
+                        w3 * (a3[j] + b3[j]) + w4 * (a4[j] + b4[j])
+                    )
+            elif g >= 2:
+                g = 2
+                a2 = _row(src, i - k - 1, h, periodic, zero)
+                b2 = _row(src, i + k + 1, h, periodic, zero)
+                w2 = w[r + k + 1]
+                for j in range(n):
+                    d[j + off] += w1 * (a1[j] + b1[j]) + w2 * (a2[j] + b2[j])
+            else:
+                for j in range(n):
+                    d[j + off] += w1 * (a1[j] + b1[j])
+            k += g
+
+
+@njit(cache=True, nogil=True)
+def _transpose(src, dst):
+    """dst = src.T in 16x16 tiles (both stay in L1)."""
+    h, n = src.shape
+    for i0 in range(0, h, 16):
+        for j0 in range(0, n, 16):
+            for i in range(i0, min(i0 + 16, h)):
+                for j in range(j0, min(j0 + 16, n)):
+                    dst[j, i] = src[i, j]
 
 
 @njit(cache=True, nogil=True)
@@ -173,6 +177,8 @@ def scale_stats(
     n, h, wd = x.shape
     smooth = w.size > 1
     tmp = np.empty((h, wd))
+    tmp2 = np.empty((wd, h))
+    zero = np.zeros(wd)
     pad = np.zeros((h + 2, wd + 2))  # the map with a one-pixel ring (wrapped when periodic)
     nmax = np.empty(wd + 2)
     nmin = np.empty(wd + 2)
@@ -198,8 +204,12 @@ def scale_stats(
     hi = wd - b0 + 1
     for m in range(n):
         if smooth:
-            _smooth_pass_rows(x[m], tmp, w, periodic)
-            _smooth_pass_cols(tmp, pad, w, periodic, 1)
+            # both passes run down columns (the fast direction); the result is the transpose of the
+            # smoothed map, which every statistic here is invariant under (the 8-neighbourhood, the
+            # regions and the Minkowski integrands are symmetric in x <-> y)
+            _smooth_cols(x[m], tmp, w, periodic, 0, zero)
+            _transpose(tmp, tmp2)
+            _smooth_cols(tmp2, pad, w, periodic, 1, zero)
         else:
             xm = x[m]
             for i in range(h):
