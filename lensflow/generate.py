@@ -62,6 +62,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lensflow import __version__
+from lensflow.cli import precheck
 from lensflow.mapstore import MapStoreWriter, StoreMeta, open_store
 from lensflow.provenance import provenance
 
@@ -803,24 +804,6 @@ def _cond_overrides(argv: list[str]) -> list[str]:
     return [f"++{a}" if a.startswith("cond.") and "=" in a else a for a in argv]
 
 
-def _precheck(args: list[str]) -> str | None:
-    """Compose the config with the overrides first, so a bad command line is one line and exit 2."""
-    if any(a.startswith("-") for a in args):
-        return None  # Hydra's own flags (--help, --cfg, ...)
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    try:
-        with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-            compose(config_name="generate", overrides=args, return_hydra_config=True)
-    except Exception as e:  # noqa: BLE001 - any composition error is a bad command line
-        hint = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
-        return _one_line(e).replace(hint, "").strip()
-    finally:
-        GlobalHydra.instance().clear()
-    return None
-
-
 @hydra.main(config_path="pkg://lensflow.conf", config_name="generate", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
@@ -836,10 +819,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``python -m lensflow.generate key=value ...``: exit 0 done, 1 sampling failed, 2 bad input."""
     args = _cond_overrides(sys.argv[1:])
-    err = _precheck(args)
-    if err is not None:
-        print(f"error: config: {err}", file=sys.stderr)
-        sys.exit(2)
+    precheck("generate", args)
     sys.argv = [sys.argv[0], *args]
     _hydra_main()
 

@@ -48,6 +48,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import lensflow
 from lensflow import compare as cmp
+from lensflow.cli import precheck
 from lensflow.mapstore import SPLITS, MapStore, open_store
 from lensflow.provenance import provenance
 from lensflow.stats.summary import STATISTICS, SummaryConfig, kappa_edges, summarize, summary_bins, with_reference_sigma
@@ -1130,20 +1131,6 @@ def _hydra_entry() -> Any:
     return _hydra_main
 
 
-def _precheck(args: list[str]) -> str | None:
-    """Compose the config with the command-line overrides first, so a bad override is one line, exit 2."""
-    if any(a.startswith("-") for a in args):
-        return None  # Hydra flags (--help, --cfg, -m ...): let Hydra handle them
-    from hydra import compose, initialize_config_module
-
-    try:
-        with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-            compose(config_name="validate", overrides=args, return_hydra_config=True)
-    except Exception as e:  # noqa: BLE001 - any composition error is a bad command line
-        return _one_line(e)
-    return None
-
-
 def _select_overrides(args: list[str]) -> list[str]:
     """``select.NAME=value`` adds a key to the empty ``select`` node, which Hydra spells ``+select.NAME``."""
     return [f"+{a}" if a.startswith("select.") else a for a in args]
@@ -1152,10 +1139,7 @@ def _select_overrides(args: list[str]) -> list[str]:
 def main() -> None:
     """``python -m lensflow.validate key=value ...``: exit 0 pass, 1 fail, 2 bad input."""
     sys.argv = [sys.argv[0], *_select_overrides(sys.argv[1:])]
-    err = _precheck(sys.argv[1:])
-    if err is not None:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    precheck("validate", sys.argv[1:])
     _STATE.clear()
     try:
         _hydra_entry()()
