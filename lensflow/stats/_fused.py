@@ -34,7 +34,7 @@ except Exception:  # pragma: no cover - exercised only without numba
 # bin specification: [uniform (0/1), e0, 1/width, near] next to the edges array (see stats._array.Bins)
 
 
-def bin_spec(edges: np.ndarray, uniform: bool, e0: float, inv: float, near: float) -> np.ndarray:
+def bin_spec(uniform: bool, e0: float, inv: float, near: float) -> np.ndarray:
     return np.array([1.0 if uniform else 0.0, e0, inv, near])
 
 

@@ -153,6 +153,16 @@ def _check_nonempty(info: dict[str, np.ndarray], npix: int, pix: float, e: np.nd
         )
 
 
+def _mode_coef(info: dict[str, np.ndarray], scale: float) -> np.ndarray:
+    """Per-mode factor turning |FFT|² into a bin average: scale · weight / n_modes of the mode's bin
+    (0 for modes in no bin)."""
+    b = info["bin"]
+    coef = np.zeros(b.size)
+    ok = b >= 0
+    coef[ok] = scale * info["weight"][ok] / info["n_modes"][b[ok]]
+    return coef
+
+
 class _BinReducer:
     """Turns per-mode power [..., M] into bin averages [..., nbins] (weights / n_modes per mode).
 
@@ -161,11 +171,11 @@ class _BinReducer:
     """
 
     def __init__(self, info: dict[str, np.ndarray], nb: int, scale: float, device, dtype) -> None:
-        b, w, n = info["bin"], info["weight"], info["n_modes"]
+        b = info["bin"]
         valid = b >= 0
         self.nb = nb
         self.dense = b.size * nb <= (1 << 23)
-        vals = torch.as_tensor(scale * w[valid] / n[b[valid]], dtype=dtype, device=device)
+        vals = torch.as_tensor(_mode_coef(info, scale)[valid], dtype=dtype, device=device)
         rows = torch.as_tensor(np.flatnonzero(valid), device=device)
         cols = torch.as_tensor(b[valid], device=device)
         if self.dense:

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.fft
 import torch
 
-from . import _fused
 from ._array import (
     ArrayLike,
     Batch,
@@ -32,9 +30,8 @@ from .noise import pixel_noise_sigma, smoothed_noise_sigma
 from .pdf import moments_from_central, moments_tensor, pdf_tensor
 from .peaks import extrema_counts
 from .smoothing import TRUNCATE, gaussian_weights, smooth_many
-from .spectra import _binning, _check_nonempty, _cross_spectra, auto_spectra, default_ell_edges
+from .spectra import ARCMIN, _binning, _check_nonempty, _cross_spectra, _mode_coef, auto_spectra, default_ell_edges
 
-_ARCMIN = math.pi / (180.0 * 60.0)
 #: Pixels per block of maps handed to one thread by the fused CPU path (4 maps of 128x128: measured
 #: 4 and 8 equal within noise, 16 a little slower).
 _FUSED_BLOCK_PIXELS = 1 << 16
@@ -489,13 +486,20 @@ def summarize(
     return out
 
 
+def _kernels() -> Any:
+    """The fused kernels, imported on first use (numba costs a few hundred ms of start-up)."""
+    from . import _fused
+
+    return _fused
+
+
 def _use_fused(backend: str, dev: torch.device, npix: int, sig_pix: Sequence[float]) -> bool:
     if backend not in ("auto", "torch", "fused"):
         raise ValueError(f"backend: expected 'auto', 'torch' or 'fused', got {backend!r}")
     why = None
     if dev.type != "cpu":
         why = f"maps on {dev.type}"
-    elif not _fused.AVAILABLE:
+    elif not _kernels().AVAILABLE:
         why = "numba is not importable"
     elif any(int(TRUNCATE * s + 0.5) >= npix for s in sig_pix):
         why = f"a smoothing kernel as wide as the {npix}x{npix} maps"
@@ -507,7 +511,7 @@ def _use_fused(backend: str, dev: torch.device, npix: int, sig_pix: Sequence[flo
 def _bin_arrays(b: Bins | None) -> tuple[np.ndarray, np.ndarray]:
     if b is None:  # statistic not requested: the kernel needs arrays of the right type only
         return np.zeros(2), np.zeros(4)
-    return b.edges, _fused.bin_spec(b.edges, b.uniform, b.e0, b.inv, b.near)
+    return b.edges, _kernels().bin_spec(b.uniform, b.e0, b.inv, b.near)
 
 
 def _summarize_fused(
@@ -526,6 +530,9 @@ def _summarize_fused(
     Blocks of a few maps go to a pool of ``torch.get_num_threads()`` threads; each thread draws its
     maps' noise (per-map streams) and runs the FFT and the kernels on them while they are in cache.
     """
+    import scipy.fft
+
+    _fused = _kernels()
     stats = cfg.statistics
     nmaps, nchan, npix = int(x_all.shape[0]), int(x_all.shape[1]), int(x_all.shape[-1])
     x_np = np.ascontiguousarray(x_all.numpy())
@@ -537,13 +544,9 @@ def _summarize_fused(
 
     cl_out = None
     if ell_info is not None:
-        e = _ell_edges(cfg, npix)
-        n_ell = e.size - 1
-        a_pix = (pix_rad := cfg.pixel_arcmin * _ARCMIN) * pix_rad
+        n_ell = ell_info["n_modes"].size
         slot = ell_info["bin"].astype(np.int64)
-        coef = np.zeros(slot.size)
-        ok = slot >= 0
-        coef[ok] = (a_pix / npix**2) * ell_info["weight"][ok] / ell_info["n_modes"][slot[ok]]
+        coef = _mode_coef(ell_info, (cfg.pixel_arcmin * ARCMIN) ** 2 / npix**2)
         if nchan > 1 and cfg.cross:
             pa, pb = (np.ascontiguousarray(a, dtype=np.int64) for a in np.triu_indices(nchan))
         else:
