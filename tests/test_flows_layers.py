@@ -205,6 +205,7 @@ def _net_grads(net, x, cond, gy):
 def test_coupling_net_fused_backward_matches_autograd(padding, cond_dim, dtype, monkeypatch):
     """The hand-written GEMM backward (workspace, in-place ReLU masks, 9-tap 3x3 convolutions) gives
     autograd's gradients for the input, cond and every parameter, on a non-square map with odd sizes."""
+    monkeypatch.setattr(nets, "_FUSED_MIN_ELEMENTS", 0)  # fused even for this tiny net
     torch.manual_seed(0)
     net = CouplingNet(3, 4, 16, cond_dim=cond_dim, padding=padding).to(dtype)
     _randomize(net, 0.3)
@@ -213,7 +214,7 @@ def test_coupling_net_fused_backward_matches_autograd(padding, cond_dim, dtype, 
     gy = torch.randn(2, 4, 5, 7, generator=_gen(3), dtype=dtype)
     y1, g1 = _net_grads(net, x, cond, gy)
     assert type(y1.grad_fn).__name__ == "_CouplingNetFnBackward"
-    monkeypatch.setattr(nets, "_use_fused", lambda x: False)
+    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
     y0, g0 = _net_grads(net, x, cond, gy)
     assert type(y0.grad_fn).__name__ != "_CouplingNetFnBackward"
     tol = {"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
@@ -245,9 +246,32 @@ def test_coupling_net_fused_gradcheck(padding):
     assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2, w3, b3, cond), eps=1e-6, atol=1e-7)
 
 
+def test_coupling_net_fused_under_vmap(monkeypatch):
+    """jacobian(vectorize=True) vmaps the backward: the fused Function then falls back to plain ops (out= ops have
+    no batching rule) and gives the same Jacobian as the non-vectorized loop and as the unfused network."""
+    monkeypatch.setattr(nets, "_FUSED_MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    net = CouplingNet(2, 2, 6, cond_dim=2, padding="circular").double()
+    _randomize(net, 0.5)
+    x = torch.randn(1, 2, 3, 4, generator=_gen(), dtype=torch.float64)
+    cond = torch.randn(1, 2, generator=_gen(2), dtype=torch.float64)
+
+    def f(v):
+        return net(v.view_as(x), cond).reshape(-1)
+
+    jv = torch.autograd.functional.jacobian(f, x.reshape(-1), vectorize=True)
+    jl = torch.autograd.functional.jacobian(f, x.reshape(-1))
+    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
+    jp = torch.autograd.functional.jacobian(f, x.reshape(-1))
+    assert float(jp.abs().max()) > 0.1
+    torch.testing.assert_close(jv, jp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jl, jp, rtol=1e-12, atol=1e-12)
+
+
 def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
     """no_grad (oneDNN conv + fused ReLU) and grad (custom Function) give the same output; consecutive
     backward passes of different sizes share one per-thread workspace without corrupting each other."""
+    monkeypatch.setattr(nets, "_FUSED_MIN_ELEMENTS", 0)
     torch.manual_seed(0)
     big, small = CouplingNet(2, 4, 32), CouplingNet(4, 8, 32)
     _randomize(big, 0.3)
@@ -263,7 +287,7 @@ def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
     g_fused = [p.grad.clone() for p in (*big.parameters(), *small.parameters())]
     for p in (*big.parameters(), *small.parameters()):
         p.grad = None
-    monkeypatch.setattr(nets, "_use_fused", lambda x: False)
+    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
     (big(xb).square().sum() + small(xs).square().sum()).backward()
     for a, p in zip(g_fused, (*big.parameters(), *small.parameters()), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-11, atol=1e-11)

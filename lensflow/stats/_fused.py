@@ -184,7 +184,7 @@ def scale_stats(
     nmin = np.empty(wd + 2)
     grad = np.empty(wd + 2)
     curv = np.empty(wd + 2)
-    slot = np.empty(wd + 2, np.int64)
+    slot = np.empty(wd + 2, np.int32)  # int32: AVX2 converts doubles to int32, not int64, in vector form
     pidx = np.empty(wd + 2, np.int64)
     midx = np.empty(wd + 2, np.int64)
     # without the sweep of one kind of extremum, no pixel qualifies as one
@@ -328,13 +328,13 @@ def _slots(row, lo, hi, e, spec, close_last, out):
         e0 = spec[1]
         inv = spec[2]
         lim = 0.5 - spec[3]
-        fix = False
+        nfix = 0  # a count, not a bool: the OR-reduction does not vectorize
         for j in range(lo, hi):
             t = (row[j] - e0) * inv
             f = math.floor(t)
-            fix |= abs(t - f - 0.5) > lim
-            out[j] = int(min(max(f, -1.0), float(nb))) + 1
-        if not fix:
+            nfix += abs(t - f - 0.5) > lim
+            out[j] = np.int32(min(max(f, -1.0), float(nb))) + np.int32(1)
+        if nfix == 0:
             return
         for j in range(lo, hi):
             t = (row[j] - e0) * inv
@@ -405,3 +405,90 @@ def add_scaled(x, noise, sigma, out):
     of = out.reshape(-1)
     for k in range(xf.size):
         of[k] = xf[k] + sigma * nf[k]
+
+
+# -- shape-noise streams -------------------------------------------------------------------------------------------
+# Per-map noise streams: numpy's SFC64 bit generator (seeded exactly as numpy seeds it from a SeedSequence),
+# turned into normals by a 256-layer ziggurat (Marsaglia & Tsang 2000, in Doornik's 2005 ZIGNOR form). Done here
+# rather than by numpy's Generator.standard_normal because the draws were the largest single cost of a noisy
+# summary (about 3x slower through numpy's per-call machinery on 16k values).
+_ZIG_R = 3.6541528853610088  # start of the tail
+_ZIG_V = 0.00492867323399  # area of each layer
+
+
+def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray]:
+    x = np.empty(257)
+    f = math.exp(-0.5 * _ZIG_R * _ZIG_R)
+    x[0] = _ZIG_V / f  # the base layer: a rectangle plus the tail, of width V / f(R)
+    x[1] = _ZIG_R
+    x[256] = 0.0
+    for i in range(2, 256):
+        x[i] = math.sqrt(-2.0 * math.log(_ZIG_V / x[i - 1] + f))
+        f = math.exp(-0.5 * x[i] * x[i])
+    return x, x[1:] / x[:-1]
+
+
+ZIG_X, ZIG_RATIO = _ziggurat_tables()
+_U53 = 1.0 / 9007199254740992.0  # 2^-53
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sfc64(a, b, c, w):
+    """One SFC64 step (as numpy's SFC64.random_raw): (output, a, b, c, counter) from (a, b, c, counter)."""
+    out = a + b + w
+    rot = (c << np.uint64(24)) | (c >> np.uint64(40))
+    return out, b ^ (b >> np.uint64(11)), c + (c << np.uint64(3)), rot + out, w + np.uint64(1)
+
+
+@njit(cache=True, nogil=True)
+def sfc64_seeded(seed3):
+    """SFC64 state [a, b, c, counter] from three 64-bit seed words, as numpy's SFC64 sets it (counter 1,
+    12 outputs discarded)."""
+    a, b, c, w = seed3[0], seed3[1], seed3[2], np.uint64(1)
+    for _ in range(12):
+        _, a, b, c, w = _sfc64(a, b, c, w)
+    s = np.empty(4, np.uint64)
+    s[0], s[1], s[2], s[3] = a, b, c, w
+    return s
+
+
+@njit(cache=True, nogil=True)
+def normal_fill(s, out, zx, zr):
+    """Fill ``out`` (1-D) with standard normals from the SFC64 state ``s`` (advanced in place).
+
+    Each draw takes one 64-bit output: the low 8 bits pick the layer, the top 53 a uniform u in [-1, 1);
+    about 99% are accepted at once; the rest go through the layer's wedge test or the tail (beyond R).
+    The state lives in locals: through the array, every step would be a store the compiler cannot drop.
+    """
+    a, b, c, w = s[0], s[1], s[2], s[3]
+    k = 0
+    n = out.size
+    while k < n:
+        r, a, b, c, w = _sfc64(a, b, c, w)
+        i = int(r & np.uint64(255))
+        u = 2.0 * (float(r >> np.uint64(11)) * _U53) - 1.0
+        while True:
+            if abs(u) < zr[i]:
+                out[k] = u * zx[i]
+                break
+            r, a, b, c, w = _sfc64(a, b, c, w)
+            u2 = (float(r >> np.uint64(11)) + 0.5) * _U53  # in (0, 1)
+            if i == 0:  # tail, Marsaglia's method
+                r, a, b, c, w = _sfc64(a, b, c, w)
+                u3 = (float(r >> np.uint64(11)) + 0.5) * _U53
+                x = math.log(u2) / _ZIG_R
+                if -2.0 * math.log(u3) >= x * x:
+                    out[k] = x - _ZIG_R if u < 0.0 else _ZIG_R - x
+                    break
+            else:  # wedge between layers i and i + 1
+                x = u * zx[i]
+                f0 = math.exp(-0.5 * (zx[i] * zx[i] - x * x))
+                f1 = math.exp(-0.5 * (zx[i + 1] * zx[i + 1] - x * x))
+                if f1 + u2 * (f0 - f1) < 1.0:
+                    out[k] = x
+                    break
+            r, a, b, c, w = _sfc64(a, b, c, w)  # rejected: a fresh layer and uniform
+            i = int(r & np.uint64(255))
+            u = 2.0 * (float(r >> np.uint64(11)) * _U53) - 1.0
+        k += 1
+    s[0], s[1], s[2], s[3] = a, b, c, w

@@ -297,9 +297,10 @@ def summary_bins(config: SummaryConfig | Mapping[str, Any], npix: int, nchannels
 class _Noise:
     """Draws the noise of each map in map order, so results do not depend on how maps are chunked.
 
-    An int seed on CPU gives every map its own numpy stream (SFC64 seeded with child ``i`` of
-    ``SeedSequence(seed)`` for map ``i`` of the set): chunking, threads and backend cannot change the
-    noise, and blocks of maps can be drawn in parallel.  A numpy Generator is drawn from in map order; an int seed on an
+    An int seed on CPU gives every map its own stream (numpy's SFC64 bit generator seeded with child
+    ``i`` of ``SeedSequence(seed)`` for map ``i`` of the set, normals by the ziggurat of
+    :func:`lensflow.stats._fused.normal_fill`): chunking, threads and backend cannot change the noise,
+    and blocks of maps can be drawn in parallel.  A numpy Generator is drawn from in map order; an int seed on an
     accelerator makes a torch generator there, so noise realizations depend on the device.
     """
 
@@ -332,11 +333,18 @@ class _Noise:
 
     def fill(self, out: np.ndarray, first: int) -> None:
         """Unit-variance noise of maps ``first, first + 1, ...`` of the set into ``out`` [n, ...]
-        (per-map streams only; thread-safe: numpy releases the GIL while it fills)."""
+        (per-map streams only; thread-safe, and the kernel releases the GIL)."""
         assert self.seed is not None
+        kern = _kernels()
         for k in range(out.shape[0]):
-            seq = np.random.SeedSequence(self.seed, spawn_key=(first + k,))
-            np.random.Generator(np.random.SFC64(seq)).standard_normal(out=out[k])
+            words = np.random.SeedSequence(self.seed, spawn_key=(first + k,)).generate_state(3, np.uint64)
+            view = out[k]
+            dst = view if view.flags.c_contiguous else np.empty(view.shape)
+            # without numba: the same algorithm as plain Python (slow, same numbers; uint64 wraps on purpose)
+            with np.errstate(over="ignore"):
+                kern.normal_fill(kern.sfc64_seeded(words), dst.reshape(-1), kern.ZIG_X, kern.ZIG_RATIO)
+            if not view.flags.c_contiguous:
+                view[...] = dst
 
     def _torch_unit(self, shape: tuple[int, ...], nmaps: int) -> torch.Tensor:
         g = self.gen
