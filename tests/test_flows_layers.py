@@ -205,7 +205,7 @@ def _net_grads(net, x, cond, gy):
 def test_coupling_net_fused_backward_matches_autograd(padding, cond_dim, dtype, monkeypatch):
     """The hand-written GEMM backward (workspace, in-place ReLU masks, 9-tap 3x3 convolutions) gives
     autograd's gradients for the input, cond and every parameter, on a non-square map with odd sizes."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_ELEMENTS", 0)  # fused even for this tiny net
+    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)  # fused even for this tiny net
     torch.manual_seed(0)
     net = CouplingNet(3, 4, 16, cond_dim=cond_dim, padding=padding).to(dtype)
     _randomize(net, 0.3)
@@ -249,7 +249,7 @@ def test_coupling_net_fused_gradcheck(padding):
 def test_coupling_net_fused_under_vmap(monkeypatch):
     """jacobian(vectorize=True) vmaps the backward: the fused Function then falls back to plain ops (out= ops have
     no batching rule) and gives the same Jacobian as the non-vectorized loop and as the unfused network."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)
     torch.manual_seed(0)
     net = CouplingNet(2, 2, 6, cond_dim=2, padding="circular").double()
     _randomize(net, 0.5)
@@ -271,7 +271,7 @@ def test_coupling_net_fused_under_vmap(monkeypatch):
 def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
     """no_grad (oneDNN conv + fused ReLU) and grad (custom Function) give the same output; consecutive
     backward passes of different sizes share one per-thread workspace without corrupting each other."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)
     torch.manual_seed(0)
     big, small = CouplingNet(2, 4, 32), CouplingNet(4, 8, 32)
     _randomize(big, 0.3)

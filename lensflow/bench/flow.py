@@ -37,7 +37,7 @@ _DEFAULTS: dict[str, Any] = {
     "batch": 32,
     "devices": ["cpu", "cuda"],
     "iters": {
-        "cpu": {"warmup": 1, "train": 2, "sample": 2, "bpd_steps": 20, "bpd_batch": 8, "bpd_test": 32},
+        "cpu": {"warmup": 1, "train": 3, "sample": 2, "bpd_steps": 20, "bpd_batch": 8, "bpd_test": 32},
         "cuda": {"warmup": 3, "train": 20, "sample": 10, "bpd_steps": 1000, "bpd_batch": 32, "bpd_test": 512},
     },
     "lr": 1e-3,

@@ -144,14 +144,15 @@ class CouplingNet(nn.Module):
 # GEMM against 9 shifted copies of their thin side (a few MB). Same arithmetic, identical results to rounding
 # (tests/test_flows_layers.py compares both paths, gradients included, in float32 and float64).
 _WORKSPACE = threading.local()
-# Below about 1M hidden activations per call ([B, hidden, H, W], 4 MB in float32) the fused path's extra small ops
-# cost more than they save (measured: 0.7-1.0x at 0.07-0.5M, 1.2-1.7x from 1M up, on the 2-core dev machine).
-_FUSED_MIN_ELEMENTS = 1 << 20
+# The fused path saves time in proportion to the hidden 1x1 convolution's work (B*H*W*hidden^2 multiply-adds) but
+# costs a fixed few dozen small ops per call: below ~16M multiply-adds it is no faster (measured on the 2-core dev
+# machine: 0.7-0.9x at 2-8M, 1.15-1.7x from 33M up).
+_FUSED_MIN_MACS = 1 << 24
 
 
 def _use_fused(x: Tensor, hidden: int) -> bool:
     return (
-        x.shape[0] * x.shape[2] * x.shape[3] * hidden >= _FUSED_MIN_ELEMENTS
+        x.shape[0] * x.shape[2] * x.shape[3] * hidden * hidden >= _FUSED_MIN_MACS
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and torch.is_grad_enabled()
