@@ -6,7 +6,8 @@ Both models get the reference configuration (``channels x image_size^2`` maps, `
 
 * ``flow/train``: maps/s of one training step (``-log p`` on a batch, backward, Adam step), timed
   interleaved with the baseline step so machine load hits both alike; best of the timed steps.
-  On CUDA a second lensflow row uses bf16 autocast (log-dets stay float32).
+  On CUDA (``bf16: auto``; true/false force it) a second lensflow row uses bf16 autocast (log-dets stay
+  float32).
 * ``flow/sample``: maps/s of ``sample(batch)`` in eval mode without autograd.
 * ``flow/bits_per_dim``: held-out bits/dim after the same number of Adam steps (same learning rate,
   warm-up, batches and order) on periodic Gaussian random fields of known spectrum; ``exact`` is the
@@ -45,6 +46,7 @@ _DEFAULTS: dict[str, Any] = {
     "padding": "zero",
     "spectrum_k0": 4.0,
     "threads": None,
+    "bf16": "auto",
     "seed": 0,
 }
 _MISSING = "normflows Glow (NOT INSTALLED: pip install 'lensflow[bench]')"
@@ -212,7 +214,7 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
         # training throughput (fp32 both; + lensflow bf16 autocast on CUDA)
         models = {"lensflow": _Adapter("lensflow", ours)}
-        if dev_name == "cuda":
+        if (dev_name == "cuda") if cfg["bf16"] == "auto" else bool(cfg["bf16"]):
             models["lensflow bf16-autocast"] = _Adapter("lensflow bf16-autocast", ours, autocast=True)
         if base is not None:
             models["baseline"] = _Adapter("normflows", base)

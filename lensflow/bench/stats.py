@@ -241,7 +241,11 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _gpu_rows(c: dict[str, Any], scfg: SummaryConfig, rng: np.random.Generator) -> list[dict[str, Any]]:
+def _gpu_rows(
+    c: dict[str, Any], scfg: SummaryConfig, rng: np.random.Generator, device: str = "cuda"
+) -> list[dict[str, Any]]:
+    """The GPU rows: ``gpu_maps`` maps of ``gpu_npix``² (float32, ``gpu_batch`` per call) against the numpy loop.
+    ``device`` is a parameter so that the tests can run this code on CPU."""
     npix, n = int(c["gpu_npix"]), int(c["gpu_maps"])
     batch = int(c["gpu_batch"])
     base = lognormal_maps(min(n, batch), npix, scfg.pixel_arcmin, rng)
@@ -249,7 +253,7 @@ def _gpu_rows(c: dict[str, Any], scfg: SummaryConfig, rng: np.random.Generator) 
     nb = max(1, int(c["baseline_maps"]) // 4)
     t_loop, _, _ = _timed(loop, base[:nb], int(c["seed"]))
     loop_rate = nb / t_loop
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     xb = torch.from_numpy(base).to(dev, torch.float32)
     gen = torch.Generator(device=dev).manual_seed(int(c["seed"]))
     summarize(xb[:64], scfg, generator=gen)  # warm-up
@@ -266,7 +270,7 @@ def _gpu_rows(c: dict[str, Any], scfg: SummaryConfig, rng: np.random.Generator) 
 
     t_gpu, _, _ = _timed(all_batches)
     rows.append(
-        {"benchmark": what, "device": "cuda", "variant": "lensflow", "baseline": "numpy loop",
+        {"benchmark": what, "device": dev.type, "variant": "lensflow", "baseline": "numpy loop",
          "value": n / t_gpu, "unit": "maps/s", "ratio": (n / t_gpu) / loop_rate, "maps": n, "seconds": t_gpu}
     )  # fmt: skip
     return rows

@@ -1,0 +1,69 @@
+"""The stats and flow benchmark suites run end to end on tiny sizes (nothing is timed here: the figures
+live in the README). The GPU-only code is run on CPU, so it is not first executed on a lent GPU."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+try:  # the optional [bench] extra
+    import normflows  # noqa: F401
+
+    HAVE_NORMFLOWS = True
+except ImportError:
+    HAVE_NORMFLOWS = False
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_stats_rows_and_gpu_code_on_cpu():
+    from lensflow.bench import stats as bs
+
+    cfg = {"n_maps": 12, "npix": 32, "baseline_maps": 4, "check_maps": 3, "repeats": 1, "threads": [1, 2],
+           "gpu_maps": 6, "gpu_npix": 32, "gpu_batch": 4}  # fmt: skip
+    rows = bs.run(cfg)  # also checks that the numpy loop and summarize agree on noiseless maps
+    assert [(r["variant"], r.get("threads")) for r in rows] == [("numpy loop", 1), ("lensflow", 1), ("lensflow", 2)]
+    loop = rows[0]["value"]
+    for r in rows:
+        assert r["unit"] == "maps/s" and r["value"] > 0 and r["device"] == "cpu"
+        assert math.isclose(r["ratio"], r["value"] / loop)
+    with pytest.raises(ValueError, match="unknown keys"):
+        bs.run({"n_map": 3})
+    c = {**bs.DEFAULTS, **cfg}
+    gpu = bs._gpu_rows(c, bs._config(c), np.random.default_rng(0), device="cpu")
+    assert [r["variant"] for r in gpu] == ["numpy loop", "lensflow"]
+    assert gpu[1]["maps"] == 6 and gpu[1]["value"] > 0
+    assert math.isclose(gpu[1]["ratio"], gpu[1]["value"] / gpu[0]["value"])
+
+
+def test_bench_flow_rows_with_bf16_variant():
+    """Tiny models; ``bf16: true`` runs the bf16-autocast variant (CUDA-only by default) on CPU."""
+    from lensflow.bench import flow as bf
+
+    iters = {"warmup": 0, "train": 1, "sample": 1, "bpd_steps": 2, "bpd_batch": 4, "bpd_test": 8}
+    cfg = {"image_size": 8, "levels": 2, "steps": 1, "hidden": 8, "batch": 4, "devices": ["cpu"], "bf16": True,
+           "iters": {"cpu": iters}}  # fmt: skip
+    rows = bf.run(cfg)
+    got = [(r["benchmark"], r["variant"]) for r in rows]
+    assert got == [
+        ("flow/train", "lensflow"),
+        ("flow/train", "lensflow bf16-autocast"),
+        ("flow/sample", "lensflow"),
+        ("flow/sample", "lensflow bf16-autocast"),
+        ("flow/bits_per_dim", "lensflow"),
+    ]
+    for r in rows:
+        assert r["device"] == "cpu" and r["value"] > 0 and math.isfinite(r["value"])
+        if r["benchmark"] != "flow/bits_per_dim":
+            assert (r["ratio"] is not None) == HAVE_NORMFLOWS
+    bpd = rows[-1]
+    assert bpd["exact"] > 0 and bpd["skipped_steps"] == 0
+    assert ("baseline_value" in bpd) == HAVE_NORMFLOWS
