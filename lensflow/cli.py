@@ -39,7 +39,7 @@ def precheck(config_name: str, overrides: list[str]) -> None:
 
 
 def hydra_cli(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """A ``main()`` that runs ``fn(cfg)`` under Hydra and prints its result.
+    """A ``main()`` that runs ``fn(cfg)`` under Hydra and prints its result (if not None).
 
     Bad input (ValueError, OSError, config errors) prints one ``error: ...`` line and exits 2; so does
     a command line Hydra itself rejects (Hydra has already said why).
@@ -56,7 +56,8 @@ def hydra_cli(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[],
             msg = str(e).strip().splitlines()
             print(f"error: {msg[0] if msg else e.__class__.__name__}", file=sys.stderr)
             sys.exit(2)
-        print(result)
+        if result is not None:
+            print(result)
 
     def main() -> None:
         precheck(config_name, sys.argv[1:])

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 try:  # the optional [bench] extra
     import normflows  # noqa: F401
@@ -17,11 +16,7 @@ except ImportError:
     HAVE_NORMFLOWS = False
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_stats_rows_and_gpu_code_on_cpu():

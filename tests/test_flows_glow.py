@@ -13,14 +13,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lensflow.flows import ActNorm, Glow, Preprocess
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -13,14 +13,7 @@ from scipy import stats
 from lensflow.flows import ActNorm, AffineCoupling, CouplingNet, FlowStep, InvConv1x1, Preprocess, Split, Squeeze, nets
 from lensflow.flows.split import TopPrior
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

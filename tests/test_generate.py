@@ -59,13 +59,7 @@ def _train_tiny(tmp: Path, name: str, channels: int, cond: tuple[str, ...], peri
     return ckpt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine run an order of magnitude faster on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

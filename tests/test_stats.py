@@ -19,14 +19,7 @@ import lensflow.stats as S
 ARCMIN = math.pi / (180 * 60)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a loaded 2-core machine OpenMP with 2 threads spins at every barrier (each torch op costs
-    # milliseconds); the tests measure correctness, so run them single-threaded and restore after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.integrate import quad
 from scipy.special import erfc
 from scipy.stats import norm
@@ -25,13 +24,7 @@ import lensflow.stats as S
 ARCMIN = math.pi / (180 * 60)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # see test_stats.py: OpenMP barriers are pathological on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _modes(npix: int, pix_arcmin: float) -> tuple[np.ndarray, np.ndarray]:

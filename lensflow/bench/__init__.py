@@ -14,10 +14,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lensflow.cli import hydra_cli
 from lensflow.provenance import provenance
 
 _COLUMNS = ("benchmark", "device", "variant", "baseline", "value", "unit", "ratio")
@@ -77,6 +77,8 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-@hydra.main(config_path="pkg://lensflow.conf", config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    bench(cfg)
+def _print_only(cfg: DictConfig) -> None:
+    bench(cfg)  # prints its own table
+
+
+main = hydra_cli("bench", _print_only)

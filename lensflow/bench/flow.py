@@ -193,6 +193,9 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
             file=sys.stderr,
             flush=True,
         )
+    bf16 = cfg["bf16"]
+    if bf16 not in ("auto", True, False):
+        raise ValueError(f"bench.bf16: expected auto, true or false, got {bf16!r}")
     devices = [d for d in cfg["devices"] if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     seed = int(cfg["seed"])
     B = int(cfg["batch"])
@@ -214,7 +217,7 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
         # training throughput (fp32 both; + lensflow bf16 autocast on CUDA)
         models = {"lensflow": _Adapter("lensflow", ours)}
-        if (dev_name == "cuda") if cfg["bf16"] == "auto" else bool(cfg["bf16"]):
+        if (dev_name == "cuda") if bf16 == "auto" else bf16:
             models["lensflow bf16-autocast"] = _Adapter("lensflow bf16-autocast", ours, autocast=True)
         if base is not None:
             models["baseline"] = _Adapter("normflows", base)
@@ -227,23 +230,7 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
             int(it["train"]),
             device,
         )
-        for k in models:
-            if k == "baseline":
-                continue
-            rate = B / t[k]
-            row = {
-                **common,
-                "benchmark": "flow/train",
-                "variant": k,
-                "baseline": baseline_name,
-                "value": rate,
-                "unit": "maps/s",
-                "ratio": None,
-            }
-            if "baseline" in t:
-                row["ratio"] = rate / (B / t["baseline"])
-                row["baseline_value"] = B / t["baseline"]
-            rows.append(row)
+        rows += _rate_rows("flow/train", t, B, baseline_name, common)
 
         # sampling throughput
         for m in models.values():
@@ -251,28 +238,27 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         t = _interleaved(
             {k: (lambda m=m, d=device: m.sample(B, d)) for k, m in models.items()}, 1, int(it["sample"]), device
         )
-        for k in models:
-            if k == "baseline":
-                continue
-            rate = B / t[k]
-            row = {
-                **common,
-                "benchmark": "flow/sample",
-                "variant": k,
-                "baseline": baseline_name,
-                "value": rate,
-                "unit": "maps/s",
-                "ratio": None,
-            }
-            if "baseline" in t:
-                row["ratio"] = rate / (B / t["baseline"])
-                row["baseline_value"] = B / t["baseline"]
-            rows.append(row)
+        rows += _rate_rows("flow/sample", t, B, baseline_name, common)
         del models, opts, ours, base
 
         rows.extend(_bpd_rows(cfg, it, device, p, have_baseline, baseline_name, common))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _rate_rows(benchmark: str, t: dict[str, float], batch: int, baseline_name: str, common: dict) -> list[dict]:
+    """One maps/s row per lensflow variant in ``t`` (seconds per batch), with its ratio to ``t["baseline"]``."""
+    rows = []
+    for k, sec in t.items():
+        if k == "baseline":
+            continue
+        row = {**common, "benchmark": benchmark, "variant": k, "baseline": baseline_name,
+               "value": batch / sec, "unit": "maps/s", "ratio": None}  # fmt: skip
+        if "baseline" in t:
+            row["ratio"] = t["baseline"] / sec
+            row["baseline_value"] = batch / t["baseline"]
+        rows.append(row)
     return rows
 
 

@@ -336,15 +336,15 @@ class _Noise:
         (per-map streams only; thread-safe, and the kernel releases the GIL)."""
         assert self.seed is not None
         kern = _kernels()
-        for k in range(out.shape[0]):
-            words = np.random.SeedSequence(self.seed, spawn_key=(first + k,)).generate_state(3, np.uint64)
-            view = out[k]
-            dst = view if view.flags.c_contiguous else np.empty(view.shape)
-            # without numba: the same algorithm as plain Python (slow, same numbers; uint64 wraps on purpose)
-            with np.errstate(over="ignore"):
+        # without numba the kernels run as plain Python (slow, same numbers), where uint64 wraps on purpose
+        with np.errstate(over="ignore"):
+            for k in range(out.shape[0]):
+                words = np.random.SeedSequence(self.seed, spawn_key=(first + k,)).generate_state(3, np.uint64)
+                view = out[k]
+                dst = view if view.flags.c_contiguous else np.empty(view.shape)
                 kern.normal_fill(kern.sfc64_seeded(words), dst.reshape(-1), kern.ZIG_X, kern.ZIG_RATIO)
-            if not view.flags.c_contiguous:
-                view[...] = dst
+                if dst is not view:
+                    view[...] = dst
 
     def _torch_unit(self, shape: tuple[int, ...], nmaps: int) -> torch.Tensor:
         g = self.gen
