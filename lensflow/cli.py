@@ -1,20 +1,52 @@
-"""Shared command-line wrapper for the entry points: one ``error:`` line and exit code 2 on bad input."""
+"""The one command wrapper: every ``python -m lensflow.X`` goes through :func:`command`.
+
+Only this module calls ``hydra.main`` or ``sys.exit`` or prints ``error:``. Library code raises:
+
+- bad input (``ValueError`` and its subclasses, missing/existing files, config errors) → one
+  ``error: ...`` line and exit code 2;
+- a run that started and failed (an exception with an ``exit_code`` attribute, or one mapped in
+  ``exit_codes``) → one ``error: ...`` line and that code (1 by convention);
+- anything else is a bug: the traceback, then ``error: internal error: ...`` and exit 2, so a crash
+  never reads as "validation failed" (1).
+
+``LENSFLOW_DEBUG=1`` re-raises instead, with the full traceback.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+
+from lensflow._util.log import setup_logging
+
+__all__ = ["BAD_INPUT", "command", "hydra_cli", "one_line", "open_node_overrides", "precheck"]
+
+#: Exceptions that mean "the input was bad" (exit 2).
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    OmegaConfBaseException,
+)
 
 
 def one_line(e: BaseException) -> str:
     """An exception's message folded onto one line."""
     msg = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
     return msg or type(e).__name__
+
+
+def _error(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
 
 
 def precheck(config_name: str, overrides: list[str]) -> None:
@@ -32,40 +64,108 @@ def precheck(config_name: str, overrides: list[str]) -> None:
         msg = one_line(e).split("Config search path:")[0]
         msg = msg.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "")
         msg = msg.replace("Available options in", "; available options in")
-        print(f"error: config: {msg.strip()}", file=sys.stderr)
+        _error(f"config: {msg.strip()}")
         sys.exit(2)
     finally:
         GlobalHydra.instance().clear()
 
 
-def hydra_cli(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """A ``main()`` that runs ``fn(cfg)`` under Hydra and prints its result (if not None).
+def open_node_overrides(argv: Sequence[str], open_nodes: Sequence[str]) -> list[str]:
+    """``NODE.NAME=v`` → ``++NODE.NAME=v`` for open-ended nodes (``cond``, ``select``), whose keys are added."""
+    out = []
+    for a in argv:
+        if "=" in a and not a.startswith(("+", "~", "-")) and any(a.startswith(f"{n}.") for n in open_nodes):
+            a = f"++{a}"
+        out.append(a)
+    return out
 
-    Bad input (ValueError, OSError, config errors) prints one ``error: ...`` line and exits 2; so does
-    a command line Hydra itself rejects (Hydra has already said why).
+
+def exit_code_of(e: BaseException, exit_codes: Mapping[type[BaseException], int]) -> int | None:
+    """The exit code a run failure maps to (``None`` when ``e`` is not a known failure)."""
+    for kind, code in exit_codes.items():
+        if isinstance(e, kind):
+            return code
+    code = getattr(e, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(e, BAD_INPUT):
+        return 2
+    try:  # Lightning refuses bad trainer settings with its own exception type
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        return None
+    return 2 if isinstance(e, MisconfigurationException) else None
+
+
+def command(
+    config_name: str,
+    fn: Callable[[DictConfig], Any],
+    *,
+    exit_codes: Mapping[type[BaseException], int] | None = None,
+    result_code: Callable[[Any], int] | None = None,
+    open_nodes: Sequence[str] = (),
+    first_word: str | None = None,
+    render: Callable[[Any], str | None] | None = None,
+) -> Callable[[], None]:
+    """A console ``main()`` running ``fn(cfg)`` under Hydra with config ``config_name``.
+
+    Args:
+        config_name: the root config in ``lensflow.conf``.
+        fn: the job, a plain function of the composed config.
+        exit_codes: run-failure exception types and their exit codes (e.g. ``{TrainingDivergedError: 1}``).
+        result_code: exit code from the job's result (``validate``: 0 pass, 1 fail); default 0.
+        open_nodes: config nodes whose keys the user adds (``cond``, ``select``), see :func:`open_node_overrides`.
+        first_word: a bare first argument ``X`` means ``first_word=X`` (``bench stats``).
+        render: the console text of the job's result, printed to stdout (``None`` prints nothing); the
+            report's text lives in :mod:`lensflow.report`, the printing here.
     """
-    entered = False
+    codes = dict(exit_codes or {})
+    state: dict[str, int] = {}
 
-    @hydra.main(config_path="pkg://lensflow.conf", config_name=config_name, version_base="1.3")
-    def _hydra_main(cfg: DictConfig) -> None:
-        nonlocal entered
-        entered = True
+    def run(cfg: DictConfig) -> None:
+        setup_logging()
         try:
             result = fn(cfg)
-        except (ValueError, OSError, OmegaConfBaseException) as e:
-            msg = str(e).strip().splitlines()
-            print(f"error: {msg[0] if msg else e.__class__.__name__}", file=sys.stderr)
-            sys.exit(2)
-        if result is not None:
-            print(result)
+        except BaseException as e:  # noqa: BLE001 - mapped to one line and an exit code below
+            if os.environ.get("LENSFLOW_DEBUG") or isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            code = exit_code_of(e, codes)
+            if code is None:
+                traceback.print_exc()
+                _error(f"internal error: {type(e).__name__}: {one_line(e)}")
+                code = 2
+            else:
+                _error(one_line(e))
+            state["code"] = code
+            return
+        text = render(result) if render is not None else None
+        if text:
+            print(text, flush=True)
+        state["code"] = result_code(result) if result_code is not None else 0
 
     def main() -> None:
-        precheck(config_name, sys.argv[1:])
-        try:
-            _hydra_main()
-        except SystemExit as e:
-            if not entered and e.code not in (0, None):
-                sys.exit(2)
-            raise
+        import hydra
 
+        args = sys.argv[1:]
+        if first_word and args and "=" not in args[0] and not args[0].startswith("-"):
+            args[0] = f"{first_word}={args[0]}"
+        args = open_node_overrides(args, open_nodes)
+        sys.argv = [sys.argv[0], *args]
+        precheck(config_name, args)
+        state.clear()
+        entry = hydra.main(config_path="pkg://lensflow.conf", config_name=config_name, version_base="1.3")(run)
+        try:
+            entry()
+        except SystemExit as e:
+            if "code" not in state and e.code not in (0, None):
+                sys.exit(2)  # Hydra rejected the command line and has said why
+            raise
+        sys.exit(state.get("code", 0))
+
+    main.__doc__ = f"``python -m lensflow.{config_name} key=value ...``: exit 0 done, 1 run failed, 2 bad input."
     return main
+
+
+def hydra_cli(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """Old name of :func:`command` that prints a non-None result (kept for one release)."""
+    return command(config_name, fn, render=lambda r: None if r is None else str(r))

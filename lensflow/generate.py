@@ -89,6 +89,7 @@ class GenerationError(RuntimeError):
 # Random streams
 # --------------------------------------------------------------------------------------------
 
+
 def stream_seed(seed: int, index: int, attempt: int = 0) -> int:
     """64-bit seed of the latent stream of map ``index``, attempt ``attempt`` (a SeedSequence hash)."""
     lo, hi = np.random.SeedSequence([seed, index, attempt]).generate_state(2, np.uint32)
@@ -114,6 +115,7 @@ def _noise_rng(seed: int, index: int) -> np.random.Generator:
 # Conditions
 # --------------------------------------------------------------------------------------------
 
+
 def condition_grid(cond: Mapping[str, Any] | None, param_names: Sequence[str]) -> np.ndarray:
     """Conditions float64 [K, P] in the order of ``param_names``: the Cartesian product of ``cond``.
 
@@ -131,8 +133,9 @@ def condition_grid(cond: Mapping[str, Any] | None, param_names: Sequence[str]) -
         raise ValueError(f"cond: unknown condition(s) {unknown}; the model is conditioned on {names}")
     missing = [n for n in names if n not in cond]
     if missing:
-        raise ValueError(f"cond: missing value(s) for {missing}; the model is conditioned on {names} "
-                         f"(e.g. cond.{missing[0]}=0.3)")
+        raise ValueError(
+            f"cond: missing value(s) for {missing}; the model is conditioned on {names} (e.g. cond.{missing[0]}=0.3)"
+        )
     axes = []
     for name in names:
         v = cond[name]
@@ -152,6 +155,7 @@ def condition_grid(cond: Mapping[str, Any] | None, param_names: Sequence[str]) -
 # --------------------------------------------------------------------------------------------
 # Loading and sampling
 # --------------------------------------------------------------------------------------------
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -215,7 +219,8 @@ class _Sampler:
             raise GenerationError(
                 f"map {int(indices[todo[0]])} (and {todo.size - 1} more in its batch) was non-finite in all "
                 f"{self.max_attempts} attempts at temperature={self.temperature}; the model is unstable "
-                "there (try a lower temperature or another checkpoint)")
+                "there (try a lower temperature or another checkpoint)"
+            )
         if self.noise is not None:
             out += self._shape_noise(indices)
         return out, redrawn
@@ -228,10 +233,21 @@ class _Sampler:
 
         nz = self.noise
         assert nz is not None
-        return np.stack([
-            np.asarray(shape_noise(self.shape, self.pixel_arcmin, sigma_e=nz["sigma_e"], n_gal=nz["n_gal"],
-                                   generator=_noise_rng(int(nz["seed"]), int(i))), dtype=np.float32)
-            for i in indices])
+        return np.stack(
+            [
+                np.asarray(
+                    shape_noise(
+                        self.shape,
+                        self.pixel_arcmin,
+                        sigma_e=nz["sigma_e"],
+                        n_gal=nz["n_gal"],
+                        generator=_noise_rng(int(nz["seed"]), int(i)),
+                    ),
+                    dtype=np.float32,
+                )
+                for i in indices
+            ]
+        )
 
 
 def _resolve_noise(noise: Mapping[str, Any] | None, seed: int) -> dict[str, float] | None:
@@ -336,8 +352,15 @@ def sample_maps(
     else:
         module = ckpt_or_module.to(dev).eval()
     rows = _cond_rows(cond, n, tuple(module.param_names))
-    sampler = _Sampler(module, dev, seed, temperature, bool(ema), _check_int("max_attempts", max_attempts, 1),
-                       _resolve_noise(noise, seed))
+    sampler = _Sampler(
+        module,
+        dev,
+        seed,
+        temperature,
+        bool(ema),
+        _check_int("max_attempts", max_attempts, 1),
+        _resolve_noise(noise, seed),
+    )
     out = np.empty((n, *sampler.shape), dtype=np.float32)
     for lo in range(0, n, batch_size):
         idx = np.arange(lo, min(lo + batch_size, n))
@@ -348,6 +371,7 @@ def sample_maps(
 # --------------------------------------------------------------------------------------------
 # The request, the work folder and its parts
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Plan:
@@ -472,11 +496,16 @@ def _prepare_parts(plan: _Plan, overwrite: bool) -> int:
         if _identity(old) != _identity(plan.job):
             if not overwrite:
                 new = _identity(plan.job) or {}
-                what = ("has no readable job.json" if old is None else
-                        "differs in " + ", ".join(sorted(k for k in set(old) | set(new)
-                                                         if k != "ckpt" and old.get(k) != new.get(k))))
-                raise ValueError(f"{parts}: holds an unfinished generation whose request {what}; re-run that "
-                                 "command to finish it, or pass overwrite=true to discard it")
+                what = (
+                    "has no readable job.json"
+                    if old is None
+                    else "differs in "
+                    + ", ".join(sorted(k for k in set(old) | set(new) if k != "ckpt" and old.get(k) != new.get(k)))
+                )
+                raise ValueError(
+                    f"{parts}: holds an unfinished generation whose request {what}; re-run that "
+                    "command to finish it, or pass overwrite=true to discard it"
+                )
             shutil.rmtree(parts)
     if not parts.is_dir():
         parts.mkdir(parents=True)
@@ -516,8 +545,9 @@ def _write_batch(plan: _Plan, sampler: _Sampler, map_meta: Mapping[str, Any], b:
     return len(idx), len(redrawn)
 
 
-def _worker(rank: int, nprocs: int, plan: _Plan, todo: list[int], device_kind: str, threads: int,
-            ema: bool, q: Any) -> None:
+def _worker(
+    rank: int, nprocs: int, plan: _Plan, todo: list[int], device_kind: str, threads: int, ema: bool, q: Any
+) -> None:
     """One worker process: batches ``todo[rank::nprocs]`` on its own device."""
     try:
         torch.set_num_threads(threads)
@@ -526,8 +556,9 @@ def _worker(rank: int, nprocs: int, plan: _Plan, todo: list[int], device_kind: s
             torch.cuda.set_device(device)
         module = _load_module(plan.job["ckpt"], device)
         map_meta = dict(module.map_meta)
-        sampler = _Sampler(module, device, plan.job["seed"], plan.job["temperature"], ema,
-                           plan.job["max_attempts"], plan.job["noise"])
+        sampler = _Sampler(
+            module, device, plan.job["seed"], plan.job["temperature"], ema, plan.job["max_attempts"], plan.job["noise"]
+        )
         for b in todo[rank::nprocs]:
             n, r = _write_batch(plan, sampler, map_meta, b)
             q.put(("done", rank, n, r))
@@ -559,12 +590,20 @@ def _resolve_devices(devices: Any, accelerator: str) -> tuple[str, int]:
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="map", desc="generate", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="map",
+        desc="generate",
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
 
 
-def _run_batches(plan: _Plan, module: Any, todo: list[int], device_kind: str, nprocs: int, ema: bool,
-                 progress: bool, done_maps: int) -> tuple[int, int]:
+def _run_batches(
+    plan: _Plan, module: Any, todo: list[int], device_kind: str, nprocs: int, ema: bool, progress: bool, done_maps: int
+) -> tuple[int, int]:
     """Sample the batches in ``todo``; returns (maps written this run, non-finite redraws this run)."""
     written = redraws = 0
     bar = _progress(plan.n_total, done_maps, progress)
@@ -573,8 +612,15 @@ def _run_batches(plan: _Plan, module: Any, todo: list[int], device_kind: str, np
             device = torch.device("cuda:0" if device_kind == "cuda" else "cpu")
             module = module.to(device).eval()
             map_meta = dict(module.map_meta)
-            sampler = _Sampler(module, device, plan.job["seed"], plan.job["temperature"], ema,
-                               plan.job["max_attempts"], plan.job["noise"])
+            sampler = _Sampler(
+                module,
+                device,
+                plan.job["seed"],
+                plan.job["temperature"],
+                ema,
+                plan.job["max_attempts"],
+                plan.job["noise"],
+            )
             for b in todo:
                 n, r = _write_batch(plan, sampler, map_meta, b)
                 written, redraws = written + n, redraws + r
@@ -586,8 +632,12 @@ def _run_batches(plan: _Plan, module: Any, todo: list[int], device_kind: str, np
         ctx = torch.multiprocessing.get_context("spawn")
         q = ctx.Queue()
         pc = torch.multiprocessing.start_processes(
-            _worker, args=(nprocs, plan, todo, device_kind, threads, ema, q), nprocs=nprocs,
-            join=False, start_method="spawn")
+            _worker,
+            args=(nprocs, plan, todo, device_kind, threads, ema, q),
+            nprocs=nprocs,
+            join=False,
+            start_method="spawn",
+        )
         errors: list[str] = []
 
         def drain(timeout: float) -> None:
@@ -611,8 +661,10 @@ def _run_batches(plan: _Plan, module: Any, todo: list[int], device_kind: str, np
         except Exception as e:  # a worker raised or died (e.g. killed for memory)
             drain(0.5)
             msg = errors[0] if errors else " ".join(str(e).split()[:40])
-            raise GenerationError(f"generation failed in a worker process ({msg}); finished batches are kept "
-                                  f"in {plan.parts}, re-run the command to resume") from None
+            raise GenerationError(
+                f"generation failed in a worker process ({msg}); finished batches are kept "
+                f"in {plan.parts}, re-run the command to resume"
+            ) from None
         finally:
             for p in pc.processes:  # on any way out (also Ctrl-C) no worker is left behind
                 if p.is_alive():
@@ -626,8 +678,10 @@ def _run_batches(plan: _Plan, module: Any, todo: list[int], device_kind: str, np
 # Finishing: merge the parts into the output
 # --------------------------------------------------------------------------------------------
 
-def _final_meta(plan: _Plan, map_meta: Mapping[str, Any], cfg: DictConfig, redraws: int,
-                redrawn: list[int]) -> StoreMeta:
+
+def _final_meta(
+    plan: _Plan, map_meta: Mapping[str, Any], cfg: DictConfig, redraws: int, redrawn: list[int]
+) -> StoreMeta:
     job = plan.job
     extra = {
         "checkpoint": job["ckpt"],
@@ -645,13 +699,20 @@ def _final_meta(plan: _Plan, map_meta: Mapping[str, Any], cfg: DictConfig, redra
         "training": _jsonable_meta(map_meta),
         "job_sha256": plan.job_hash,
         "streams": "latent of map i, attempt k: torch.randn(C*H*W) from a CPU torch.Generator seeded with "
-                   "s[0] + 2**32 * s[1], s = numpy SeedSequence([seed, i, k]).generate_state(2, uint32); "
-                   "shape noise of map i: numpy default_rng(SeedSequence([noise.seed, i], spawn_key=(1,)))",
+        "s[0] + 2**32 * s[1], s = numpy SeedSequence([seed, i, k]).generate_state(2, uint32); "
+        "shape noise of map i: numpy default_rng(SeedSequence([noise.seed, i], spawn_key=(1,)))",
     }
     meta = _part_meta(plan, map_meta, extra)
     cfg_plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    return StoreMeta(meta.pixel_arcmin, meta.source_redshifts, meta.periodic, "mock", meta.param_names,
-                     created_by=provenance(cfg_plain), extra=extra)
+    return StoreMeta(
+        meta.pixel_arcmin,
+        meta.source_redshifts,
+        meta.periodic,
+        "mock",
+        meta.param_names,
+        created_by=provenance(cfg_plain),
+        extra=extra,
+    )
 
 
 def _jsonable_meta(m: Mapping[str, Any]) -> dict[str, Any]:
@@ -660,10 +721,14 @@ def _jsonable_meta(m: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_part(plan: _Plan, b: int, st: Any) -> None:
     idx = plan.batch_indices(b)
-    if st.n != len(idx) or st.meta.extra.get("job_sha256") != plan.job_hash or \
-            not np.array_equal(st.read_realization(), idx):
-        raise GenerationError(f"{st.path}: part does not belong to this request; delete {plan.parts} "
-                              "or pass overwrite=true")
+    if (
+        st.n != len(idx)
+        or st.meta.extra.get("job_sha256") != plan.job_hash
+        or not np.array_equal(st.read_realization(), idx)
+    ):
+        raise GenerationError(
+            f"{st.path}: part does not belong to this request; delete {plan.parts} or pass overwrite=true"
+        )
 
 
 def _scan_parts(plan: _Plan) -> tuple[int, list[int]]:
@@ -695,8 +760,7 @@ def _merge_fits(plan: _Plan, meta: StoreMeta, layout: str, overwrite: bool) -> N
                 params = plan.cond_rows(idx) if plan.param_names else st.read_params()
                 yield st.read(), params, idx
 
-    fitsio.write_mock_fits(plan.out, batches(), meta, layout=layout, n_total=plan.n_total,
-                           overwrite=overwrite)
+    fitsio.write_mock_fits(plan.out, batches(), meta, layout=layout, n_total=plan.n_total, overwrite=overwrite)
 
 
 def _sidecar(out: Path) -> Path:
@@ -752,8 +816,7 @@ def generate(cfg: DictConfig | Mapping[str, Any]) -> Path:
     if _out_exists(plan.out) and not overwrite:
         if _already_complete(plan, fmt):
             shutil.rmtree(plan.parts, ignore_errors=True)
-            print(f"{plan.out} is already complete ({plan.n_total} maps); removed its work folder",
-                  flush=True)
+            print(f"{plan.out} is already complete ({plan.n_total} maps); removed its work folder", flush=True)
             return plan.out
         raise ValueError(f"out: {plan.out} exists; pass overwrite=true to replace it")
     map_meta = dict(module.map_meta)
@@ -771,10 +834,18 @@ def generate(cfg: DictConfig | Mapping[str, Any]) -> Path:
         _merge_hdf5(plan, meta, int(map_meta["npix"]), cfg.get("compression"), overwrite)
     else:
         _merge_fits(plan, meta, layout, overwrite)
-        side = {"n_maps": plan.n_total, "format": "fits", "fits_layout": layout, "kind": "mock",
-                "pixel_arcmin": meta.pixel_arcmin, "source_redshifts": list(meta.source_redshifts),
-                "periodic": meta.periodic, "param_names": list(meta.param_names),
-                "created_by": dict(meta.created_by), "extra": dict(meta.extra)}
+        side = {
+            "n_maps": plan.n_total,
+            "format": "fits",
+            "fits_layout": layout,
+            "kind": "mock",
+            "pixel_arcmin": meta.pixel_arcmin,
+            "source_redshifts": list(meta.source_redshifts),
+            "periodic": meta.periodic,
+            "param_names": list(meta.param_names),
+            "created_by": dict(meta.created_by),
+            "extra": dict(meta.extra),
+        }
         tmp = _sidecar(plan.out).with_name("." + _sidecar(plan.out).name + ".tmp")
         tmp.write_text(json.dumps(side, indent=1, default=str))
         os.replace(tmp, _sidecar(plan.out))
@@ -782,9 +853,11 @@ def generate(cfg: DictConfig | Mapping[str, Any]) -> Path:
         _HOOK("merged", -1)
     shutil.rmtree(plan.parts, ignore_errors=True)
     rate = written / elapsed if elapsed > 0 and written else float("nan")
-    print(f"wrote {plan.n_total} mock maps to {plan.out} ({written} generated in this run at "
-          f"{rate:.1f} maps/s on {nprocs} {device_kind} device(s); {redraws} non-finite redraw(s))",
-          flush=True)
+    print(
+        f"wrote {plan.n_total} mock maps to {plan.out} ({written} generated in this run at "
+        f"{rate:.1f} maps/s on {nprocs} {device_kind} device(s); {redraws} non-finite redraw(s))",
+        flush=True,
+    )
     return plan.out
 
 

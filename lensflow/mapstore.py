@@ -75,8 +75,9 @@ class StoreMeta:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.pixel_arcmin, (int, float)) and math.isfinite(self.pixel_arcmin)
-                and self.pixel_arcmin > 0):
+        if not (
+            isinstance(self.pixel_arcmin, (int, float)) and math.isfinite(self.pixel_arcmin) and self.pixel_arcmin > 0
+        ):
             raise ValueError(f"pixel_arcmin must be a positive number, got {self.pixel_arcmin!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
@@ -93,6 +94,7 @@ class StoreMeta:
 # --------------------------------------------------------------------------------------------
 # Split assignment
 # --------------------------------------------------------------------------------------------
+
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """Vectorised splitmix64 finaliser: a fast, platform-independent integer hash."""
@@ -127,6 +129,7 @@ def assign_splits(
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
+
 
 class MapStoreWriter:
     """Streaming, atomic writer of one map store.
@@ -180,10 +183,21 @@ class MapStoreWriter:
         c, n = self.channels, self.npix
         P = len(meta.param_names)
         f = self._file
-        f.create_dataset("kappa", shape=(0, c, n, n), maxshape=(None, c, n, n), dtype="f4",
-                         chunks=(1, c, n, n), compression=compression)
-        f.create_dataset("params", shape=(0, P), maxshape=(None, P), dtype="f4",
-                         chunks=(max(1, 4096 // max(P, 1)), max(P, 1)) if P else None)
+        f.create_dataset(
+            "kappa",
+            shape=(0, c, n, n),
+            maxshape=(None, c, n, n),
+            dtype="f4",
+            chunks=(1, c, n, n),
+            compression=compression,
+        )
+        f.create_dataset(
+            "params",
+            shape=(0, P),
+            maxshape=(None, P),
+            dtype="f4",
+            chunks=(max(1, 4096 // max(P, 1)), max(P, 1)) if P else None,
+        )
         f.create_dataset("split", shape=(0,), maxshape=(None,), dtype="u1", chunks=(4096,))
         f.create_dataset("realization", shape=(0,), maxshape=(None,), dtype="i8", chunks=(4096,))
         f["params"].attrs["param_names"] = json.dumps(list(meta.param_names))
@@ -209,13 +223,15 @@ class MapStoreWriter:
         if k.ndim == 3 and self.channels == 1:
             k = k[:, None]
         if k.ndim != 4 or k.shape[1:] != (self.channels, self.npix, self.npix):
-            raise ValueError(f"{self.path}: kappa batch has shape {k.shape}, expected "
-                             f"[B, {self.channels}, {self.npix}, {self.npix}]")
+            raise ValueError(
+                f"{self.path}: kappa batch has shape {k.shape}, expected [B, {self.channels}, {self.npix}, {self.npix}]"
+            )
         B = k.shape[0]
         bad = ~np.isfinite(k).reshape(B, -1).all(axis=1)
         if bad.any():
-            raise ValueError(f"{self.path}: kappa map {self._n + int(np.argmax(bad))} has NaN or Inf values; "
-                             "refusing to write it")
+            raise ValueError(
+                f"{self.path}: kappa map {self._n + int(np.argmax(bad))} has NaN or Inf values; refusing to write it"
+            )
         P = len(self.meta.param_names)
         if params is None:
             if P:
@@ -227,8 +243,11 @@ class MapStoreWriter:
                 raise ValueError(f"{self.path}: params batch has shape {p.shape}, expected [{B}, {P}]")
             if not np.isfinite(p).all():
                 raise ValueError(f"{self.path}: params have NaN or Inf values")
-        rid = (np.arange(self._n, self._n + B, dtype=np.int64) if realization is None
-               else np.asarray(realization, dtype=np.int64).reshape(-1))
+        rid = (
+            np.arange(self._n, self._n + B, dtype=np.int64)
+            if realization is None
+            else np.asarray(realization, dtype=np.int64).reshape(-1)
+        )
         if rid.shape != (B,):
             raise ValueError(f"{self.path}: realization has {rid.shape[0]} ids for {B} maps")
         if split is None:
@@ -328,20 +347,30 @@ def write_store(
         raise ValueError(f"kappa must be [N, C, H, W], got shape {k.shape}")
     if k.shape[2] != k.shape[3]:
         raise ValueError(f"kappa maps must be square, got {k.shape[2]}x{k.shape[3]}")
-    with MapStoreWriter(path, meta, npix=k.shape[-1], overwrite=overwrite, compression=compression,
-                        fractions=fractions, split_seed=split_seed) as w:
+    with MapStoreWriter(
+        path,
+        meta,
+        npix=k.shape[-1],
+        overwrite=overwrite,
+        compression=compression,
+        fractions=fractions,
+        split_seed=split_seed,
+    ) as w:
         for lo in range(0, k.shape[0], batch):
             sl = slice(lo, lo + batch)
-            w.append(k[sl],
-                     None if params is None else np.asarray(params)[sl],
-                     None if realization is None else np.asarray(realization)[sl],
-                     None if split is None else np.asarray(split)[sl])
+            w.append(
+                k[sl],
+                None if params is None else np.asarray(params)[sl],
+                None if realization is None else np.asarray(realization)[sl],
+                None if split is None else np.asarray(split)[sl],
+            )
     return Path(path)
 
 
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
+
 
 class MapStore:
     """Read-only, validated view of a map store.
@@ -388,8 +417,7 @@ class MapStore:
             raise ValueError(f"split must be one of {SPLITS} or 'all', got {split!r}")
         return np.flatnonzero(self._split == SPLITS.index(split))
 
-    def read(self, indices: Iterable[int] | slice | np.ndarray | None = None,
-             check_finite: bool = True) -> np.ndarray:
+    def read(self, indices: Iterable[int] | slice | np.ndarray | None = None, check_finite: bool = True) -> np.ndarray:
         """κ maps float32 [k, C, H, W] at ``indices`` (any order; all maps for ``None``)."""
         ds = self._h5()["kappa"]
         if indices is None:
@@ -442,8 +470,10 @@ class MapStore:
         return state
 
     def __repr__(self) -> str:
-        return (f"MapStore({str(self.path)!r}, n={self.n}, channels={self.channels}, npix={self.npix}, "
-                f"pixel_arcmin={self.meta.pixel_arcmin}, kind={self.meta.kind!r})")
+        return (
+            f"MapStore({str(self.path)!r}, n={self.n}, channels={self.channels}, npix={self.npix}, "
+            f"pixel_arcmin={self.meta.pixel_arcmin}, kind={self.meta.kind!r})"
+        )
 
 
 def _fancy_read(ds: h5py.Dataset, idx: np.ndarray, n: int, path: Path) -> np.ndarray:
@@ -455,7 +485,7 @@ def _fancy_read(ds: h5py.Dataset, idx: np.ndarray, n: int, path: Path) -> np.nda
     # h5py wants increasing, unique indices: read sorted unique, then scatter back.
     uniq, inv = np.unique(idx, return_inverse=True)
     if uniq.size > 1 and uniq[-1] - uniq[0] + 1 == uniq.size:
-        block = ds[int(uniq[0]):int(uniq[-1]) + 1]
+        block = ds[int(uniq[0]) : int(uniq[-1]) + 1]
     else:
         block = ds[uniq]
     return block[inv]
@@ -562,8 +592,9 @@ def concat_stores(
                 raise MapStoreError(f"{st.path}: shape or param_names differ from {first.path}")
             if not math.isclose(st.meta.pixel_arcmin, first.meta.pixel_arcmin, rel_tol=1e-6):
                 raise MapStoreError(f"{st.path}: pixel_arcmin differs from {first.path}")
-        with MapStoreWriter(out, meta or first.meta, npix=first.npix, overwrite=overwrite,
-                            compression=compression) as w:
+        with MapStoreWriter(
+            out, meta or first.meta, npix=first.npix, overwrite=overwrite, compression=compression
+        ) as w:
             for st in stores:
                 rid, sp = st.read_realization(), st.split
                 for lo in range(0, st.n, batch):

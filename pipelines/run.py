@@ -64,6 +64,7 @@ class PipelineError(ValueError):
 # Configs
 # --------------------------------------------------------------------------------------------
 
+
 def _compose(name: str, overrides: Sequence[str]) -> Any:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -113,10 +114,10 @@ def split_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list
         if "=" not in a and not a.startswith("~"):
             raise PipelineError(f"argument {a!r} is not KEY=VALUE")
         if a.startswith("generate."):
-            key = a[len("generate."):]
+            key = a[len("generate.") :]
             gen.append(f"++{key}" if key.startswith("cond.") else key)
         elif a.startswith("validate."):
-            key = a[len("validate."):]
+            key = a[len("validate.") :]
             val.append(f"++{key}" if key.startswith("select.") else key)
         else:
             train.append(a)
@@ -139,6 +140,7 @@ def _given(overrides: Sequence[str], key: str) -> bool:
 # --------------------------------------------------------------------------------------------
 # Stage records
 # --------------------------------------------------------------------------------------------
+
 
 class Stage:
     """One stage folder: its record, the check whether it is up to date, and its atomic completion."""
@@ -178,15 +180,30 @@ class Stage:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def finish(self, key: str, config: Any, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
-               fingerprint: str, exist: Sequence[str | Path], seconds: float) -> dict[str, Any]:
+    def finish(
+        self,
+        key: str,
+        config: Any,
+        inputs: Mapping[str, Any],
+        outputs: Mapping[str, Any],
+        fingerprint: str,
+        exist: Sequence[str | Path],
+        seconds: float,
+    ) -> dict[str, Any]:
         import lensflow
 
-        rec = {"stage": self.name, "hash": key, "fingerprint": fingerprint, "config": config,
-               "inputs": dict(inputs), "outputs": dict(outputs), "outputs_exist": [str(p) for p in exist],
-               "seconds": round(seconds, 2),
-               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "lensflow_version": lensflow.__version__}
+        rec = {
+            "stage": self.name,
+            "hash": key,
+            "fingerprint": fingerprint,
+            "config": config,
+            "inputs": dict(inputs),
+            "outputs": dict(outputs),
+            "outputs_exist": [str(p) for p in exist],
+            "seconds": round(seconds, 2),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "lensflow_version": lensflow.__version__,
+        }
         _write_json(self.dir / RECORD, rec)
         (self.dir / PENDING).unlink(missing_ok=True)
         return rec
@@ -202,6 +219,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
+
 
 class Pipeline:
     def __init__(self, argv: Sequence[str]) -> None:
@@ -258,8 +276,13 @@ class Pipeline:
         return rec
 
     def _inputs_for(self, name: str) -> dict[str, str]:
-        deps = {"simulate": (), "train": ("simulate",), "generate": ("train", "simulate"),
-                "validate": ("generate", "simulate"), "report": ("simulate", "train", "generate", "validate")}
+        deps = {
+            "simulate": (),
+            "train": ("simulate",),
+            "generate": ("train", "simulate"),
+            "validate": ("generate", "simulate"),
+            "report": ("simulate", "train", "generate", "validate"),
+        }
         return {d: self.records[d]["fingerprint"] for d in deps[name]}
 
     # -- stages -----------------------------------------------------------------------------------
@@ -318,18 +341,24 @@ class Pipeline:
                 train(tcfg)
                 returncode = 0
             else:
-                args = [*self.train_args, f"data.path={store}", f"paths.run_dir={run_dir}",
-                        f"hydra.run.dir={run_dir}", *([f"ckpt_path={last}"] if resume else [])]
+                args = [
+                    *self.train_args,
+                    f"data.path={store}",
+                    f"paths.run_dir={run_dir}",
+                    f"hydra.run.dir={run_dir}",
+                    *([f"ckpt_path={last}"] if resume else []),
+                ]
                 returncode = subprocess.run([sys.executable, "-m", "lensflow.train", *args]).returncode
             if returncode != 0:
-                raise PipelineError(f"train stage failed (exit {returncode}); fix the cause and re-run: "
-                                    "an unfinished run resumes from its last.ckpt")
+                raise PipelineError(
+                    f"train stage failed (exit {returncode}); fix the cause and re-run: "
+                    "an unfinished run resumes from its last.ckpt"
+                )
             best = run_dir / "checkpoints" / "best.ckpt"
             ckpt = best if best.exists() else last
             if not ckpt.exists():
                 raise PipelineError(f"train stage wrote no checkpoint under {run_dir / 'checkpoints'}")
-            outputs = {"checkpoint": str(ckpt), "summary": str(run_dir / "summary.json"),
-                       "run_dir": str(run_dir)}
+            outputs = {"checkpoint": str(ckpt), "summary": str(run_dir / "summary.json"), "run_dir": str(run_dir)}
             return config, outputs, _sha256_file(ckpt), [ckpt]
 
         return self._step("train", key, run)
@@ -393,8 +422,9 @@ class Pipeline:
                 cand_sets = np.unique(c[:, cc], axis=0)
             both = [row for row in cand_sets if np.any(np.all(np.isclose(ref_sets, row, rtol=1e-6), axis=1))]
             if not both:
-                raise PipelineError("validate: no generated parameter set has reference maps in the "
-                                    f"{base.reference_split} split")
+                raise PipelineError(
+                    f"validate: no generated parameter set has reference maps in the {base.reference_split} split"
+                )
             selections = [{n: float(v) for n, v in zip(names, row, strict=True)} for row in both]
         config = _plain(base)
         config.pop("progress", None)
@@ -412,9 +442,17 @@ class Pipeline:
                 c.select = sel
                 c.out = str(folder / label)
                 s = validate(c)
-                results.append({"select": sel, "label": label, "pass": bool(s["pass"]),
-                                "failures": list(s["failures"]), "warnings": list(s.get("warnings", [])),
-                                "out": str(folder / label), "verdicts": s["verdicts"]})
+                results.append(
+                    {
+                        "select": sel,
+                        "label": label,
+                        "pass": bool(s["pass"]),
+                        "failures": list(s["failures"]),
+                        "warnings": list(s.get("warnings", [])),
+                        "out": str(folder / label),
+                        "verdicts": s["verdicts"],
+                    }
+                )
             passed = all(r["pass"] for r in results)
             outputs = {"pass": passed, "results": results}
             exist = [Path(r["out"]) / "summary.json" for r in results]
@@ -445,34 +483,51 @@ class Pipeline:
         except (OSError, KeyError, json.JSONDecodeError):
             pass
         verdict = "PASS" if val["pass"] else "FAIL"
-        lines = [f"# lensflow pipeline: {self.train_cfg.name}", "", f"**Verdict: {verdict}**", "",
-                 f"Run folder: `{self.run_dir}`", "", "| stage | fingerprint | seconds | finished |",
-                 "|---|---|---|---|"]
+        lines = [
+            f"# lensflow pipeline: {self.train_cfg.name}",
+            "",
+            f"**Verdict: {verdict}**",
+            "",
+            f"Run folder: `{self.run_dir}`",
+            "",
+            "| stage | fingerprint | seconds | finished |",
+            "|---|---|---|---|",
+        ]
         for s in STAGES[:-1]:
-            lines.append(f"| {s} | `{str(r[s]['fingerprint'])[:16]}` | {r[s].get('seconds', '')} | "
-                         f"{r[s].get('finished_utc', '')} |")
+            lines.append(
+                f"| {s} | `{str(r[s]['fingerprint'])[:16]}` | {r[s].get('seconds', '')} | "
+                f"{r[s].get('finished_utc', '')} |"
+            )
         gen = r["generate"]["outputs"]
-        lines += ["", f"- training store: `{r['simulate']['outputs']['store']}`",
-                  f"- checkpoint: `{r['train']['outputs']['checkpoint']}`",
-                  f"  (sha256 {r['train']['fingerprint']})",
-                  f"- best validation bits/dim: {train_summary.get('best_val_bits_per_dim')}",
-                  f"- mocks: `{gen['mocks']}` ({gen['n_maps']} maps)",
-                  "", "| selection | verdict | failures | report |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"- training store: `{r['simulate']['outputs']['store']}`",
+            f"- checkpoint: `{r['train']['outputs']['checkpoint']}`",
+            f"  (sha256 {r['train']['fingerprint']})",
+            f"- best validation bits/dim: {train_summary.get('best_val_bits_per_dim')}",
+            f"- mocks: `{gen['mocks']}` ({gen['n_maps']} maps)",
+            "",
+            "| selection | verdict | failures | report |",
+            "|---|---|---|---|",
+        ]
         rows = []
         for res in val["results"]:
             link = os.path.relpath(Path(res["out"]) / "report.html", self.stages["report"].dir)
             word = "pass" if res["pass"] else "FAIL"
             fails = "; ".join(res["failures"][:5]) or "-"
             lines.append(f"| {res['label']} | {word} | {fails} | [report.html]({link}) |")
-            rows.append(f"<tr><td>{html.escape(res['label'])}</td><td class={'ok' if res['pass'] else 'bad'}>"
-                        f"{word}</td><td>{html.escape(fails)}</td>"
-                        f"<td><a href='{html.escape(link)}'>report</a></td></tr>")
+            rows.append(
+                f"<tr><td>{html.escape(res['label'])}</td><td class={'ok' if res['pass'] else 'bad'}>"
+                f"{word}</td><td>{html.escape(fails)}</td>"
+                f"<td><a href='{html.escape(link)}'>report</a></td></tr>"
+            )
         md = "\n".join(lines) + "\n"
         stage_rows = "".join(
             f"<tr><td>{s}</td><td><code>{html.escape(str(r[s]['fingerprint'])[:16])}</code></td>"
             f"<td>{r[s].get('seconds', '')}</td>"
             f"<td>{html.escape(str(r[s].get('finished_utc', '')))}</td></tr>"
-            for s in STAGES[:-1])
+            for s in STAGES[:-1]
+        )
         name = html.escape(str(self.train_cfg.name))
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lensflow pipeline {name}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}
@@ -480,17 +535,17 @@ td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
 .ok{{color:#080}} .bad{{color:#b00;font-weight:bold}}</style>
 </head><body>
 <h1>lensflow pipeline: {name}</h1>
-<p>Verdict: <span class={'ok' if val['pass'] else 'bad'}>{verdict}</span></p>
+<p>Verdict: <span class={"ok" if val["pass"] else "bad"}>{verdict}</span></p>
 <p>Run folder: <code>{html.escape(str(self.run_dir))}</code></p>
 <h2>Stages</h2><table><tr><th>stage</th><th>fingerprint</th><th>seconds</th><th>finished (UTC)</th></tr>
 {stage_rows}</table>
 <h2>Inputs and outputs</h2><ul>
-<li>training store: <code>{html.escape(r['simulate']['outputs']['store'])}</code></li>
-<li>checkpoint: <code>{html.escape(r['train']['outputs']['checkpoint'])}</code>
- (sha256 {html.escape(r['train']['fingerprint'])})</li>
-<li>best validation bits/dim: {html.escape(str(train_summary.get('best_val_bits_per_dim')))}</li>
-<li>mocks: <code>{html.escape(r['generate']['outputs']['mocks'])}</code>
- ({r['generate']['outputs']['n_maps']} maps)</li></ul>
+<li>training store: <code>{html.escape(r["simulate"]["outputs"]["store"])}</code></li>
+<li>checkpoint: <code>{html.escape(r["train"]["outputs"]["checkpoint"])}</code>
+ (sha256 {html.escape(r["train"]["fingerprint"])})</li>
+<li>best validation bits/dim: {html.escape(str(train_summary.get("best_val_bits_per_dim")))}</li>
+<li>mocks: <code>{html.escape(r["generate"]["outputs"]["mocks"])}</code>
+ ({r["generate"]["outputs"]["n_maps"]} maps)</li></ul>
 <h2>Validation</h2><table><tr><th>selection</th><th>verdict</th><th>failures</th><th></th></tr>
 {"".join(rows)}</table>
 </body></html>
@@ -503,16 +558,24 @@ td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
         steps = [
             ("simulate", lambda: self.simulate()),
             ("train", lambda: self.train(self.records["simulate"]["outputs"]["store"])),
-            ("generate", lambda: self.generate(self.records["train"]["outputs"]["checkpoint"],
-                                               self.records["simulate"]["outputs"]["store"])),
-            ("validate", lambda: self.validate(self.records["generate"]["outputs"]["mocks"],
-                                               self.records["simulate"]["outputs"]["store"])),
+            (
+                "generate",
+                lambda: self.generate(
+                    self.records["train"]["outputs"]["checkpoint"], self.records["simulate"]["outputs"]["store"]
+                ),
+            ),
+            (
+                "validate",
+                lambda: self.validate(
+                    self.records["generate"]["outputs"]["mocks"], self.records["simulate"]["outputs"]["store"]
+                ),
+            ),
             ("report", lambda: self.report()),
         ]
         for i, (name, step) in enumerate(steps):
             rec = step()
             if self.opts.dry_run and str(rec["fingerprint"]).startswith("dry-run:"):
-                for later, _ in steps[i + 1:]:
+                for later, _ in steps[i + 1 :]:
                     print(f"[pipeline] {later:<9} run  (after {name})", flush=True)
                 return 0
         if self.opts.dry_run:

@@ -36,16 +36,30 @@ def _train_tiny(tmp: Path, name: str, channels: int, cond: tuple[str, ...], peri
     if cond:
         params = np.stack([rng.choice([0.25, 0.3, 0.35], n), rng.choice([0.75, 0.85], n)], axis=1)
     zs = (0.5, 1.0)[:channels]
-    store = write_store(tmp / f"{name}.h5", maps, StoreMeta(2.0, zs, periodic=periodic, param_names=cond),
-                        params=params)
+    store = write_store(
+        tmp / f"{name}.h5", maps, StoreMeta(2.0, zs, periodic=periodic, param_names=cond), params=params
+    )
     dm = KappaDataModule(store, batch_size=16, num_workers=0, cond=list(cond) or None)
-    module = GlowModule(model={"levels": 2, "steps": 2, "hidden": 16}, map_meta=dm.map_meta(),
-                        param_names=dm.param_names, check={"every": 0, "final": False}, seed=3)
+    module = GlowModule(
+        model={"levels": 2, "steps": 2, "hidden": 16},
+        map_meta=dm.map_meta(),
+        param_names=dm.param_names,
+        check={"every": 0, "final": False},
+        seed=3,
+    )
     mean, std = dm.cond_stats()
     module.fit_normalization(dm.normalization_maps(), mean, std)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        use_distributed_sampler=False)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, datamodule=dm)
     # Three steps barely move the zero-initialised conditioning layers; a seeded perturbation of the EMA
     # weights makes every map depend visibly on its condition (still a checkpoint in the real format).
@@ -65,8 +79,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("ckpts")
-    return {"uncond": _train_tiny(tmp, "uncond", 1, (), periodic=True),
-            "cond": _train_tiny(tmp, "cond", 2, ("Omega_m", "sigma_8"), periodic=False)}
+    return {
+        "uncond": _train_tiny(tmp, "uncond", 1, (), periodic=True),
+        "cond": _train_tiny(tmp, "cond", 2, ("Omega_m", "sigma_8"), periodic=False),
+    }
 
 
 def _cfg(**kw) -> object:
@@ -89,10 +105,10 @@ def _left(tmp: Path) -> list[str]:
 # Schema, provenance, determinism
 # --------------------------------------------------------------------------------------------
 
+
 def test_schema_and_provenance(tmp_path, ckpts):
     ck = ckpts["uncond"]
-    out = generate(_cfg(ckpt=str(ck), n_maps=10, batch_size=4, seed=5, temperature=0.9,
-                        out=str(tmp_path / "m.h5")))
+    out = generate(_cfg(ckpt=str(ck), n_maps=10, batch_size=4, seed=5, temperature=0.9, out=str(tmp_path / "m.h5")))
     assert out == tmp_path / "m.h5" and _left(tmp_path) == ["m.h5"]  # work folder removed
     st = open_store(out)
     train_meta = open_store(ck.with_suffix(".h5")).meta
@@ -120,20 +136,20 @@ def test_map_depends_only_on_seed_and_index(tmp_path, ckpts):
     np.testing.assert_array_equal(a, b)  # same request, same batch layout: bit-identical
     c = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=3, out=str(tmp_path / "c.h5")))).read()
     np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())  # other batch size: round-off
-    d = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, seed=1,
-                                 out=str(tmp_path / "d.h5")))).read()
+    d = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, seed=1, out=str(tmp_path / "d.h5")))).read()
     assert np.abs(d - a).min(axis=(1, 2, 3)).max() > 0 and not np.allclose(d, a)
     # The notebook API gives the CLI's maps; fewer maps give a prefix.
-    np.testing.assert_allclose(sample_maps(ck, 5, batch_size=2, device="cpu"), a[:5], rtol=1e-5,
-                               atol=1e-6 * np.abs(a).max())
+    np.testing.assert_allclose(
+        sample_maps(ck, 5, batch_size=2, device="cpu"), a[:5], rtol=1e-5, atol=1e-6 * np.abs(a).max()
+    )
     # Brute force: map 7 alone, from its documented stream, through the module's own sampler.
     module = load_glow_module(ck)
-    g = torch.Generator().manual_seed(int.from_bytes(
-        np.random.SeedSequence([0, 7, 0]).generate_state(2, np.uint32).astype("<u4").tobytes(), "little"))
+    g = torch.Generator().manual_seed(
+        int.from_bytes(np.random.SeedSequence([0, 7, 0]).generate_state(2, np.uint32).astype("<u4").tobytes(), "little")
+    )
     z = torch.randn(1, NPIX * NPIX, generator=g)
     assert stream_seed(0, 7) == g.initial_seed()
-    np.testing.assert_allclose(module.sample(1, noise=z).numpy()[0], a[7], rtol=1e-5,
-                               atol=1e-6 * np.abs(a).max())
+    np.testing.assert_allclose(module.sample(1, noise=z).numpy()[0], a[7], rtol=1e-5, atol=1e-6 * np.abs(a).max())
     # Raw weights differ from the EMA weights after 3 steps (EMA decay (1+t)/(10+t)).
     raw = sample_maps(module, 2, ema=False, device="cpu")
     assert not np.allclose(raw, a[:2])
@@ -142,13 +158,18 @@ def test_map_depends_only_on_seed_and_index(tmp_path, ckpts):
 def test_temperature_scales_latents(ckpts):
     module = load_glow_module(ckpts["uncond"])
     z = latent_noise(0, [0, 1, 2], NPIX * NPIX)
-    np.testing.assert_allclose(sample_maps(module, 3, temperature=0.5, device="cpu"),
-                               module.sample(3, noise=0.5 * z).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        sample_maps(module, 3, temperature=0.5, device="cpu"),
+        module.sample(3, noise=0.5 * z).numpy(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Resume after a kill, and refusing a different request
 # --------------------------------------------------------------------------------------------
+
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, ckpts):
     ck = ckpts["uncond"]
@@ -203,6 +224,7 @@ def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts
     monkeypatch.setattr(gen, "_HOOK", None)
     parts = tmp_path / "m.h5.parts"
     assert not out.exists() and sorted(p.name for p in parts.glob("part-*")) == ["part-000000000.h5"]
+
     # overwrite=true discards the unfinished run of another request (here: another seed) ...
     def after_merge(event, b):
         if event == "merged":
@@ -225,10 +247,18 @@ def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts
 # Conditions, non-finite redraws, shape noise
 # --------------------------------------------------------------------------------------------
 
+
 def test_conditional_grid(tmp_path, ckpts):
     ck = ckpts["cond"]
-    out = generate(_cfg(ckpt=str(ck), n_maps=3, batch_size=4, out=str(tmp_path / "g.h5"),
-                        cond={"sigma_8": [0.75, 0.85], "Omega_m": [0.25, 0.35]}))
+    out = generate(
+        _cfg(
+            ckpt=str(ck),
+            n_maps=3,
+            batch_size=4,
+            out=str(tmp_path / "g.h5"),
+            cond={"sigma_8": [0.75, 0.85], "Omega_m": [0.25, 0.35]},
+        )
+    )
     st = open_store(out)
     assert st.meta.param_names == ("Omega_m", "sigma_8") and st.shape == (12, 2, NPIX, NPIX)
     # Cartesian product in the model's parameter order (Omega_m slowest), n_maps per condition.
@@ -245,8 +275,9 @@ def test_conditional_grid(tmp_path, ckpts):
     # The condition matters: the same latent under another cosmology gives another map.
     other = sample_maps(module, 12, cond={"Omega_m": 0.3, "sigma_8": 0.8}, device="cpu")
     assert np.abs(other - maps).max() > 1e-3 * np.abs(maps).max()
-    np.testing.assert_allclose(sample_maps(module, 12, cond=want, batch_size=5, device="cpu"), maps,
-                               rtol=1e-5, atol=1e-6 * np.abs(maps).max())
+    np.testing.assert_allclose(
+        sample_maps(module, 12, cond=want, batch_size=5, device="cpu"), maps, rtol=1e-5, atol=1e-6 * np.abs(maps).max()
+    )
 
 
 def test_nonfinite_maps_are_redrawn_from_the_next_stream(tmp_path, ckpts, monkeypatch):
@@ -270,8 +301,9 @@ def test_nonfinite_maps_are_redrawn_from_the_next_stream(tmp_path, ckpts, monkey
         expected_redraws += k
         redrawn += [i] * k
         z = latent_noise(0, [i], NPIX * NPIX, k)
-        np.testing.assert_allclose(maps[i], orig(module, 1, noise=z).numpy()[0], rtol=1e-5,
-                                   atol=1e-6 * np.abs(maps).max())
+        np.testing.assert_allclose(
+            maps[i], orig(module, 1, noise=z).numpy()[0], rtol=1e-5, atol=1e-6 * np.abs(maps).max()
+        )
     assert expected_redraws > 0
     assert st.meta.extra["nonfinite_redraws"] == expected_redraws
     assert st.meta.extra["redrawn_maps"] == sorted(set(redrawn))
@@ -289,16 +321,16 @@ def test_shape_noise_is_seeded_and_recorded(tmp_path, ckpts):
     ck = ckpts["cond"]
     kw = dict(ckpt=str(ck), n_maps=6, batch_size=4, cond={"Omega_m": 0.3, "sigma_8": 0.8})
     clean = open_store(generate(_cfg(**kw, out=str(tmp_path / "c.h5")))).read()
-    noisy_st = open_store(generate(_cfg(**kw, out=str(tmp_path / "n.h5"),
-                                        noise={"sigma_e": 0.26, "n_gal": 30.0})))
+    noisy_st = open_store(generate(_cfg(**kw, out=str(tmp_path / "n.h5"), noise={"sigma_e": 0.26, "n_gal": 30.0})))
     noise = noisy_st.read() - clean
     sigma = 0.26 / math.sqrt(30.0 * 2.0**2)  # sigma_e / sqrt(n_gal * pixel area), pixel 2 arcmin
     assert abs(noise.std() / sigma - 1) < 0.05  # 3072 pixels: 1.3 % standard error
     assert abs(noise.mean()) < 4 * sigma / math.sqrt(noise.size)
     assert noisy_st.meta.extra["noise"] == {"sigma_e": 0.26, "n_gal": 30.0, "seed": 0}
     # independent of the latents and of the batch layout, reproducible per (noise.seed, i)
-    again = open_store(generate(_cfg(**{**kw, "batch_size": 5}, out=str(tmp_path / "n2.h5"),
-                                     noise={"sigma_e": 0.26, "n_gal": 30.0}))).read()
+    again = open_store(
+        generate(_cfg(**{**kw, "batch_size": 5}, out=str(tmp_path / "n2.h5"), noise={"sigma_e": 0.26, "n_gal": 30.0}))
+    ).read()
     np.testing.assert_allclose(again - clean, noise, atol=1e-6)
     assert abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]) < 0.1
 
@@ -306,6 +338,7 @@ def test_shape_noise_is_seeded_and_recorded(tmp_path, ckpts):
 # --------------------------------------------------------------------------------------------
 # FITS, several processes
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layout", ["files", "cube"])
 def test_fits_output_read_back_by_ingest(tmp_path, ckpts, layout):
@@ -322,8 +355,10 @@ def test_fits_output_read_back_by_ingest(tmp_path, ckpts, layout):
     side = json.loads((tmp_path / (target.name + ".json")).read_text())
     assert side["n_maps"] == 6 and side["extra"]["checkpoint_sha256"] == ref.meta.extra["checkpoint_sha256"]
     with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-        icfg = compose(config_name="ingest", overrides=[f"input={target}", f"out={tmp_path / 'back.h5'}",
-                                                        "kind=mock", "progress=false"])
+        icfg = compose(
+            config_name="ingest",
+            overrides=[f"input={target}", f"out={tmp_path / 'back.h5'}", "kind=mock", "progress=false"],
+        )
     back = open_store(ingest(icfg))
     np.testing.assert_array_equal(back.read(), ref.read())
     assert back.meta.param_names == ("Omega_m", "sigma_8")
@@ -346,6 +381,7 @@ def test_two_cpu_processes_equal_one(tmp_path, ckpts):
 # --------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, no output
 # --------------------------------------------------------------------------------------------
+
 
 def _cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["lensflow.generate", *args, "progress=false", "accelerator=cpu"])
@@ -371,8 +407,10 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, capsy
         "n_maps=0": ([f"ckpt={uc}", "n_maps=0"], "n_maps must be an integer >= 1"),
         "n_maps<0": ([f"ckpt={uc}", "n_maps=-3"], "n_maps must be an integer >= 1"),
         "temperature=0": ([f"ckpt={uc}", "temperature=0"], "temperature must be a positive number"),
-        "unknown condition": ([f"ckpt={cc}", "cond.Omega_m=0.3", "cond.sigma_8=0.8", "cond.w0=-1"],
-                              "unknown condition(s) ['w0']"),
+        "unknown condition": (
+            [f"ckpt={cc}", "cond.Omega_m=0.3", "cond.sigma_8=0.8", "cond.w0=-1"],
+            "unknown condition(s) ['w0']",
+        ),
         "missing condition": ([f"ckpt={cc}", "cond.Omega_m=0.3"], "missing value(s) for ['sigma_8']"),
         "condition on unconditional": ([f"ckpt={uc}", "cond.Omega_m=0.3"], "the model is unconditional"),
         "bad format": ([f"ckpt={uc}", "format=npy"], "format must be one of"),
@@ -393,8 +431,7 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, capsy
     assert code == 0 and open_store(tmp_path / "m.h5").n == 2
     assert _left(tmp_path) == ["foreign.ckpt", "m.h5"]
     # The CLI's maps are the API's maps.
-    np.testing.assert_allclose(open_store(tmp_path / "m.h5").read(), sample_maps(uc, 2, device="cpu"),
-                               rtol=1e-5)
+    np.testing.assert_allclose(open_store(tmp_path / "m.h5").read(), sample_maps(uc, 2, device="cpu"), rtol=1e-5)
 
 
 def test_api_bad_input():
@@ -422,8 +459,9 @@ def test_bench_suite_rows(ckpts):
     """The benchmark runs end to end (nothing is timed here): one model, CPU, tiny measurement windows."""
     from lensflow.bench.generate import run
 
-    rows = run({"ckpt": str(ckpts["uncond"]), "devices": ["cpu"], "batch_size": {"cpu": 2},
-                "min_seconds": 0.01, "repeats": 1})
+    rows = run(
+        {"ckpt": str(ckpts["uncond"]), "devices": ["cpu"], "batch_size": {"cpu": 2}, "min_seconds": 0.01, "repeats": 1}
+    )
     assert [r["baseline"] for r in rows] == ["one map per call", "batched sample, no streams/I/O"]
     for r in rows:
         assert r["unit"] == "maps/s" and r["value"] > 0 and r["baseline_value"] > 0

@@ -29,8 +29,13 @@ from lensflow.mapstore import (
 
 @pytest.fixture
 def meta() -> StoreMeta:
-    return StoreMeta(pixel_arcmin=1.64, source_redshifts=(0.5, 1.0), param_names=("Omega_m", "sigma_8"),
-                     created_by={"command": "pytest"}, extra={"cosmology": {"h": 0.67}})
+    return StoreMeta(
+        pixel_arcmin=1.64,
+        source_redshifts=(0.5, 1.0),
+        param_names=("Omega_m", "sigma_8"),
+        created_by={"command": "pytest"},
+        extra={"cosmology": {"h": 0.67}},
+    )
 
 
 @pytest.fixture
@@ -106,7 +111,7 @@ def test_kill_mid_write_leaves_no_file_at_target(tmp_path):
         import os, signal, numpy as np
         from lensflow.mapstore import MapStoreWriter, StoreMeta
         meta = StoreMeta(pixel_arcmin=1.0, source_redshifts=(1.0,))
-        with MapStoreWriter({str(tmp_path / 'k.h5')!r}, meta, npix=8) as w:
+        with MapStoreWriter({str(tmp_path / "k.h5")!r}, meta, npix=8) as w:
             w.append(np.zeros((4, 1, 8, 8), np.float32))
             os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -146,6 +151,7 @@ def _replace(name, data):
     def mutate(f):
         del f[name]
         f[name] = data
+
     return mutate
 
 
@@ -174,6 +180,7 @@ def test_bad_store_gives_one_line_naming_file(tmp_path, mutate, message):
 def test_nan_in_store_is_named_on_read(tmp_path):
     def poison(f):
         f["kappa"][2, 0, 1, 1] = np.inf
+
     path = _store_with(tmp_path, poison)
     st = open_store(path)
     np.testing.assert_array_equal(st.read([0, 1]), 0)

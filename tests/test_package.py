@@ -11,8 +11,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUND = ["lensflow.mapstore", "lensflow.provenance", "lensflow.sims", "lensflow.flows", "lensflow.stats"]
-HIGHER = ["hydra", "omegaconf", "lightning", "pytorch_lightning", "wandb", "lensflow.data", "lensflow.module",
-          "lensflow.train", "lensflow.generate", "lensflow.validate", "lensflow.simulate", "lensflow.bench"]
+HIGHER = [
+    "hydra",
+    "omegaconf",
+    "lightning",
+    "pytorch_lightning",
+    "wandb",
+    "lensflow.data",
+    "lensflow.module",
+    "lensflow.train",
+    "lensflow.generate",
+    "lensflow.validate",
+    "lensflow.simulate",
+    "lensflow.bench",
+]
 
 
 def test_ground_floor_imports_no_higher_floor():

@@ -20,20 +20,37 @@ def _runner():
 
 
 TINY = [
-    "+experiment=kappa_quick", "data.simulate.n_maps=60", "data.simulate.npix=16",
-    "data.simulate.pixel_arcmin=4.0", "data.simulate.sim.cosmology.m_nu=0.0", "model.levels=2",
-    "model.steps=2", "model.hidden=8", "trainer.max_steps=4", "trainer.val_check_interval=2",
-    "data.batch_size=8", "data.norm_maps=32", "logger=csv", "trainer.enable_progress_bar=false",
+    "+experiment=kappa_quick",
+    "data.simulate.n_maps=60",
+    "data.simulate.npix=16",
+    "data.simulate.pixel_arcmin=4.0",
+    "data.simulate.sim.cosmology.m_nu=0.0",
+    "model.levels=2",
+    "model.steps=2",
+    "model.hidden=8",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "data.batch_size=8",
+    "data.norm_maps=32",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
     "check.n_samples=8",
-    "validate.max_maps=16", "validate.statistics=[cl,pdf]", "validate.smoothing_arcmin=[8.0]",
-    "validate.memorization.enabled=false", "validate.figures.sample_maps=2", "validate.progress=false",
-    "generate.progress=false", "generate.accelerator=cpu",
+    "validate.max_maps=16",
+    "validate.statistics=[cl,pdf]",
+    "validate.smoothing_arcmin=[8.0]",
+    "validate.memorization.enabled=false",
+    "validate.figures.sample_maps=2",
+    "validate.progress=false",
+    "generate.progress=false",
+    "generate.accelerator=cpu",
 ]
 
 
 def _records(run_dir: Path) -> dict[str, dict]:
-    return {s: json.loads((run_dir / s / "stage.json").read_text())
-            for s in ("simulate", "train", "generate", "validate", "report")}
+    return {
+        s: json.loads((run_dir / s / "stage.json").read_text())
+        for s in ("simulate", "train", "generate", "validate", "report")
+    }
 
 
 def test_pipeline_runs_skips_and_reruns_what_changed(tmp_path, capsys):
@@ -53,8 +70,9 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tmp_path, capsys):
     assert mocks.meta.kind == "mock" and mocks.meta.extra["checkpoint"] == str(ckpt)
     assert mocks.n == open_store(store).indices("test").size  # as many mocks as reference test maps
     assert summary["inputs"]["reference"]["path"].endswith(Path(store).name)
-    assert (run_dir / "report" / "index.html").exists() and "lensflow pipeline" in (run_dir / "report" /
-                                                                                     "report.md").read_text()
+    assert (run_dir / "report" / "index.html").exists() and "lensflow pipeline" in (
+        run_dir / "report" / "report.md"
+    ).read_text()
     ckpt_mtime = ckpt.stat().st_mtime_ns
 
     # Same config: every stage is skipped and nothing is rewritten.
@@ -67,8 +85,13 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tmp_path, capsys):
     # A generate override re-runs generate, validate and report only.
     assert run.main([*args, "generate.n_maps=4", "generate.seed=1"]) in (0, 1)
     out = capsys.readouterr().out
-    for stage, verb in (("simulate", "skip"), ("train", "skip"), ("generate", "run "), ("validate", "run "),
-                        ("report", "run ")):
+    for stage, verb in (
+        ("simulate", "skip"),
+        ("train", "skip"),
+        ("generate", "run "),
+        ("validate", "run "),
+        ("report", "run "),
+    ):
         assert f"[pipeline] {stage:<9} {verb}" in out, (stage, out)
     again = _records(run_dir)
     assert again["train"] == first["train"] and again["generate"]["hash"] != first["generate"]["hash"]

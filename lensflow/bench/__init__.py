@@ -31,8 +31,13 @@ def machine() -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": None}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": None,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -40,6 +45,7 @@ def machine() -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a fixed-width text table (numbers to 4 significant digits)."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
@@ -64,15 +70,19 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
     except ModuleNotFoundError as e:
         raise ValueError(f"bench: unknown suite {suite!r}") from e
     mach = machine()
-    print(f"# lensflow bench {suite} on {mach['cpu']} ({mach['cores']} cores, torch {mach['torch']}, "
-          f"{mach['torch_threads']} threads)" + (f", GPU {mach['gpu']}" if mach["gpu"] else ""), flush=True)
+    print(
+        f"# lensflow bench {suite} on {mach['cpu']} ({mach['cores']} cores, torch {mach['torch']}, "
+        f"{mach['torch_threads']} threads)" + (f", GPU {mach['gpu']}" if mach["gpu"] else ""),
+        flush=True,
+    )
     rows = module.run(suite_cfg)
     print(format_table(rows), flush=True)
     if cfg.get("out"):
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"suite": suite, "machine": mach, "rows": rows,
-                                   "provenance": provenance(suite_cfg)}, indent=2))
+        out.write_text(
+            json.dumps({"suite": suite, "machine": mach, "rows": rows, "provenance": provenance(suite_cfg)}, indent=2)
+        )
         print(f"# rows written to {out}")
     return rows
 

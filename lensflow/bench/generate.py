@@ -63,12 +63,19 @@ def build_module(name: str, seed: int = 0) -> Any:
     npix = int(sim.npix)
     names = list(cfg.data.cond or [])
     grid = OmegaConf.to_container(sim.grid, resolve=True) if sim.get("grid") else {}
-    map_meta = {"channels": len(zs), "npix": npix, "pixel_arcmin": float(sim.pixel_arcmin),
-                "source_redshifts": zs, "periodic": bool(sim.sim.get("periodic", False)),
-                "kind": "simulation", "store": None}
+    map_meta = {
+        "channels": len(zs),
+        "npix": npix,
+        "pixel_arcmin": float(sim.pixel_arcmin),
+        "source_redshifts": zs,
+        "periodic": bool(sim.sim.get("periodic", False)),
+        "kind": "simulation",
+        "store": None,
+    }
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    module = GlowModule(model=model, map_meta=map_meta, param_names=names, check={"every": 0, "final": False},
-                        seed=seed)
+    module = GlowModule(
+        model=model, map_meta=map_meta, param_names=names, check={"every": 0, "final": False}, seed=seed
+    )
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((4, len(zs), npix, npix))  # 4 x npix^2 pixels: plenty for ActNorm statistics
     maps = (0.02 * (np.exp(0.8 * g - 0.32) - 1.0)).astype(np.float32)  # shifted lognormal, shift 0.02
@@ -84,8 +91,14 @@ def build_module(name: str, seed: int = 0) -> Any:
 def _save_checkpoint(module: Any, path: Path) -> Path:
     import lightning as L
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     return path
@@ -154,8 +167,16 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                 def raw(m: Any = module, g: torch.Generator = g, B: int = B, c: Any = cond) -> Any:
                     return m.sample(B, cond=c, generator=g)
 
-                gcfg = {"ckpt": str(path), "batch_size": B, "seed": seed, "accelerator": dev_name,
-                        "devices": 1, "progress": False, "overwrite": True, "cond": cond or {}}
+                gcfg = {
+                    "ckpt": str(path),
+                    "batch_size": B,
+                    "seed": seed,
+                    "accelerator": dev_name,
+                    "devices": 1,
+                    "progress": False,
+                    "overwrite": True,
+                    "cond": cond or {},
+                }
                 # warm-up of every path (kernels, caches, cuDNN autotuning, file system)
                 one(), raw()
                 generate({**gcfg, "n_maps": B, "out": str(Path(tmp) / "warm.h5")})
@@ -171,15 +192,37 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                     generate({**gcfg, "n_maps": n, "out": str(Path(tmp) / "mocks.h5")})
                     _sync(device)
                     best["gen"] = max(best["gen"], n / (time.perf_counter() - t0))
-                common = {"benchmark": f"generate/{name}", "device": dev_name, "params": n_params, "batch": B,
-                          "maps": f"{mm['channels']}x{mm['npix']}x{mm['npix']}", "n_generated": n,
-                          "threads": torch.get_num_threads() if dev_name == "cpu" else None}
+                common = {
+                    "benchmark": f"generate/{name}",
+                    "device": dev_name,
+                    "params": n_params,
+                    "batch": B,
+                    "maps": f"{mm['channels']}x{mm['npix']}x{mm['npix']}",
+                    "n_generated": n,
+                    "threads": torch.get_num_threads() if dev_name == "cpu" else None,
+                }
                 variant = "lensflow generate (streams, checks, HDF5)"
-                rows.append({**common, "variant": variant, "baseline": "one map per call",
-                             "value": best["gen"], "unit": "maps/s", "ratio": best["gen"] / best["one"],
-                             "baseline_value": best["one"]})
-                rows.append({**common, "variant": variant, "baseline": "batched sample, no streams/I/O",
-                             "value": best["gen"], "unit": "maps/s", "ratio": best["gen"] / best["raw"],
-                             "baseline_value": best["raw"]})
+                rows.append(
+                    {
+                        **common,
+                        "variant": variant,
+                        "baseline": "one map per call",
+                        "value": best["gen"],
+                        "unit": "maps/s",
+                        "ratio": best["gen"] / best["one"],
+                        "baseline_value": best["one"],
+                    }
+                )
+                rows.append(
+                    {
+                        **common,
+                        "variant": variant,
+                        "baseline": "batched sample, no streams/I/O",
+                        "value": best["gen"],
+                        "unit": "maps/s",
+                        "ratio": best["gen"] / best["raw"],
+                        "baseline_value": best["raw"],
+                    }
+                )
             module.to("cpu")
     return rows

@@ -1,0 +1,69 @@
+"""Atomic output: write beside the target, then rename into place, with the user's umask.
+
+``tempfile.mkstemp`` creates files with mode 0600 whatever the umask, so a plain temp-file-and-rename
+leaves stores and reports that collaborators on a shared cluster cannot read. Every writer goes
+through :func:`atomic_path`, which gives the final file the mode a plain ``open(path, "w")`` would
+(0666 & ~umask) and never leaves a half-written target behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "default_mode", "replace_into_place", "write_json", "write_text"]
+
+
+def default_mode() -> int:
+    """The mode a newly created regular file gets under the current umask (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def replace_into_place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Give ``tmp`` the umask's mode and rename it onto ``path`` (atomic on one filesystem)."""
+    os.chmod(tmp, default_mode())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    Args:
+        path: the final file; its folder is created if needed.
+        overwrite: refuse (``FileExistsError``) when ``path`` exists and this is false.
+        suffix: suffix of the temporary name (some writers pick the format from it, e.g. ``.fits``).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists; pass overwrite=true to replace it")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: output path is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        replace_into_place(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> Path:
+    """Write ``obj`` as strict JSON (no NaN; see :func:`lensflow._util.plain.to_plain`) atomically."""
+    return write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
