@@ -25,6 +25,21 @@ def global_rank() -> int:
     return 0
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is now (pytest and notebooks replace it), not the one at set-up."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - the logging API's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 class _RankZero(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or global_rank() == 0
@@ -39,7 +54,7 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     """Send ``lensflow`` records to stderr as plain lines, rank-zero filtered; idempotent."""
     root = logging.getLogger(_ROOT)
     if not any(getattr(h, "_lensflow", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(_RankZero())
         handler._lensflow = True  # type: ignore[attr-defined]
