@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from lensflow.sims.exact import FlatLikelihood
 from lensflow.sims.theory import convergence_cl, hilbert2011_shift, parse_sources, source_labels
 
 KINDS: tuple[str, ...] = ("gaussian", "lognormal")
@@ -193,6 +194,28 @@ class FlatSimulator:
             self._sigma2 = np.array([self._xi(clipped[i, i])[0, 0] for i in range(C)])
         # Colouring filter on the rfft half-plane: F = sqrt(P) W / Δ for white noise W.
         self._filter = (root / d).astype(np.float32)
+        self._likelihood: FlatLikelihood | None = None
+
+    # -- exact likelihood ---------------------------------------------------------------------------------
+    @property
+    def likelihood(self) -> FlatLikelihood:
+        """The exact density of this simulator's maps (:class:`~lensflow.sims.exact.FlatLikelihood`), built once."""
+        if self._likelihood is None:
+            self._likelihood = FlatLikelihood(self)
+        return self._likelihood
+
+    def log_prob(self, maps: np.ndarray) -> np.ndarray:
+        """Exact ``log p(κ)`` of maps [n, C, npix, npix] (κ units) in nats per map, float64 [n].
+
+        The same convention as ``Glow.log_prob``, so ``mean(sim.log_prob(x) - glow.log_prob(x))`` is the
+        emulator's KL divergence from the simulator on maps ``x`` drawn from it. Maps of the wrong shape or
+        channel count, with NaN, or (lognormal) with κ <= -λ give a one-line ``ValueError``.
+        """
+        return self.likelihood.log_prob(maps)
+
+    def entropy(self) -> float:
+        """Differential entropy of one map, nats (closed form; ``E[-log_prob]`` over the simulator's maps)."""
+        return self.likelihood.entropy()
 
     def _xi(self, p_half: np.ndarray) -> np.ndarray:
         """Periodic correlation function on the grid from a half-plane spectrum: irfft2(P) / Δ²."""
