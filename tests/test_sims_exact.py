@@ -144,3 +144,64 @@ def test_one_map_without_batch_axis_is_accepted():
     sim = _sim("gaussian", False, 1)
     m = sim.generate(1, seed=2)
     assert sim.log_prob(m[0]).shape == (1,) and sim.log_prob(m[0])[0] == sim.log_prob(m)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The truth behind a store: rebuilt from the provenance that `simulate` writes
+# --------------------------------------------------------------------------------------------
+
+
+def _simulated_store(tmp_path, *overrides):
+    from hydra import compose, initialize_config_module
+
+    from lensflow.simulate import simulate
+
+    out = tmp_path / "s.h5"
+    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="simulate",
+            overrides=["npix=8", "pixel_arcmin=3.28", "sim.cosmology.m_nu=0", "progress=false", f"out={out}", *overrides],
+        )
+    return simulate(cfg)
+
+
+def test_store_truth_is_the_simulator_that_wrote_the_store(tmp_path):
+    from lensflow.mapstore import open_store
+    from lensflow.sims.theory import PLANCK18
+    from lensflow.sims.truth import StoreTruth
+
+    st = open_store(_simulated_store(tmp_path, "n_maps=6", "seed=4"))
+    truth = StoreTruth(st.meta, str(st.path))
+    maps = st.read()
+    direct = FlatSimulator(8, 3.28, {**PLANCK18, "m_nu": 0.0}, 1.0, kind="lognormal")
+    np.testing.assert_array_equal(direct.generate(6, seed=4), maps)  # the same simulator ...
+    np.testing.assert_allclose(truth.log_prob(maps), direct.log_prob(maps), rtol=1e-12)  # ... and its density
+
+
+def test_store_truth_of_a_grid_store_scores_each_map_at_its_node(tmp_path):
+    from lensflow.mapstore import open_store
+    from lensflow.sims.theory import PLANCK18
+    from lensflow.sims.truth import StoreTruth
+
+    path = _simulated_store(tmp_path, "n_maps=3", "sim=gaussian_flat", "+grid={sigma_8:[0.7,0.9]}")
+    st = open_store(path)
+    truth = StoreTruth(st.meta, str(path))
+    maps, params = st.read(), st.read_params()
+    got = truth.log_prob(maps, params)
+    for s8, rows in ((0.7, slice(0, 3)), (0.9, slice(3, 6))):
+        sim = FlatSimulator(8, 3.28, {**PLANCK18, "m_nu": 0.0, "sigma_8": s8}, 1.0, kind="gaussian")
+        np.testing.assert_allclose(got[rows], sim.log_prob(maps[rows]), rtol=1e-12)
+    # at another θ the same maps are less likely under the wrong amplitude
+    assert truth.log_prob(maps[:3], np.full((3, 1), 0.7)).sum() > truth.log_prob(maps[:3], np.full((3, 1), 0.9)).sum()
+
+
+def test_a_store_without_a_flat_simulation_has_no_truth(tmp_path):
+    from lensflow.mapstore import StoreMeta
+    from lensflow.sims.truth import StoreTruth
+
+    mock = StoreMeta(pixel_arcmin=3.28, source_redshifts=(1.0,), kind="mock", extra={"seed": 0})
+    with pytest.raises(ValueError, match=r"mocks.h5: no exact likelihood: the store was not written by a built-in flat"):
+        StoreTruth(mock, "mocks.h5")
+    ingested = StoreMeta(pixel_arcmin=3.28, source_redshifts=(1.0,), extra={"source": "MassiveNuS"})
+    with pytest.raises(ValueError, match="no exact likelihood"):
+        StoreTruth(ingested, "nbody.h5")

@@ -12,6 +12,7 @@ from ._common import acc_dtype, check_padding, check_positive_int
 from .preprocess import Preprocess
 from .split import Split, TopPrior
 from .squeeze import Squeeze
+from .stationary import StationaryGaussian
 from .step import FlowStep
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -20,7 +21,9 @@ _LOG_2PI = math.log(2.0 * math.pi)
 class Glow(nn.Module):
     """Glow normalising flow on ``[B, C, H, W]`` maps (κ units), with a fixed pixel-wise preprocessing.
 
-    Architecture (data -> latent): ``Preprocess`` then, for each of ``levels`` levels, ``Squeeze`` (2x2 ->
+    Architecture (data -> latent): ``Preprocess``, optionally a ``StationaryGaussian`` (a learned isotropic
+    whitening filter in Fourier space, data-initialised to the training maps' power spectrum), then, for each of
+    ``levels`` levels, ``Squeeze`` (2x2 ->
     4C), ``steps`` x ``FlowStep`` (ActNorm, LU 1x1 conv, affine coupling) and, except at the last level,
     a ``Split`` that factors out half of the channels whitened by a Gaussian prior conditioned on the
     kept half (and on ``cond``). The last level's output is whitened by a learned ``TopPrior``.
@@ -51,6 +54,9 @@ class Glow(nn.Module):
             the ``cond`` term when conditional).
         init_seed: if given, parameters are initialised from this seed without touching torch's global RNG;
             otherwise from the global RNG (seed it yourself).
+        stationary: put a :class:`~lensflow.flows.stationary.StationaryGaussian` layer after the preprocessing
+            (Hartley basis for circular padding, i.e. periodic maps, DCT-II otherwise; conditioned like the rest).
+        stationary_knots: radial knots of that layer's filter.
     """
 
     def __init__(
@@ -68,6 +74,8 @@ class Glow(nn.Module):
         prior_bound: float = 5.0,
         learn_top_prior: bool = True,
         init_seed: int | None = None,
+        stationary: bool = False,
+        stationary_knots: int = 24,
     ) -> None:
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -102,9 +110,15 @@ class Glow(nn.Module):
         self.scale_bound = float(scale_bound)
         self.prior_bound = float(prior_bound)
         self.learn_top_prior = bool(learn_top_prior)
+        self.stationary_knots = int(stationary_knots)
         self.preprocess = preprocess
         self.squeeze = Squeeze()
 
+        self.stationary = (
+            StationaryGaussian(in_channels, image_size, padding == "circular", self.stationary_knots, cond_dim)
+            if stationary
+            else None
+        )
         if init_seed is None:
             self._build()
         else:
@@ -160,15 +174,23 @@ class Glow(nn.Module):
             "scale_bound": self.scale_bound,
             "prior_bound": self.prior_bound,
             "learn_top_prior": self.learn_top_prior,
+            "stationary": self.stationary is not None,
+            "stationary_knots": self.stationary_knots,
             "log_shift": self.preprocess.log_shift,
             "margin": self.preprocess.margin,
+            "shift_method": self.preprocess.shift_method,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Glow:
         """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics)."""
         cfg = dict(config)
-        pre = Preprocess(cfg["in_channels"], log_shift=cfg.pop("log_shift", False), margin=cfg.pop("margin", 1.0))
+        pre = Preprocess(
+            cfg["in_channels"],
+            log_shift=cfg.pop("log_shift", False),
+            margin=cfg.pop("margin", 1.0),
+            shift_method=cfg.pop("shift_method", "margin"),
+        )
         return cls(preprocess=pre, **cfg)
 
     # -- checks -------------------------------------------------------------------------------------------
@@ -203,6 +225,9 @@ class Glow(nn.Module):
         self._check_x(x)
         cond = self._check_cond(cond, x.shape[0])
         h, logdet = self.preprocess(x)
+        if self.stationary is not None:
+            h, ld = self.stationary(h, cond)
+            logdet = logdet + ld
         zs: list[Tensor] = []
         for i, level in enumerate(self.flows):
             h, _ = self.squeeze(h)
@@ -258,6 +283,8 @@ class Glow(nn.Module):
             for step in reversed(self.flows[i]):
                 h = step.inverse(h, cond)
             h = self.squeeze.inverse(h)
+        if self.stationary is not None:
+            h = self.stationary.inverse(h, cond)
         return self.preprocess.inverse(h)
 
     def split_noise(self, noise: Tensor) -> list[Tensor]:

@@ -45,7 +45,7 @@ import scipy.linalg
 if TYPE_CHECKING:  # pragma: no cover
     from lensflow.sims.flat import FlatSimulator
 
-__all__ = ["DENSE_MAX_DIMS", "FlatLikelihood"]
+__all__ = ["DENSE_MAX_DIMS", "FlatLikelihood", "kl_gap_bits"]
 
 #: Largest ``C * npix**2`` factorized densely (a 16384² float64 matrix is 2 GiB).
 DENSE_MAX_DIMS = 16384
@@ -216,3 +216,18 @@ class FlatLikelihood:
     def bits_per_dim(self, maps: np.ndarray) -> np.ndarray:
         """``-log2 p(κ) / (C·npix²)`` per map [n] (the unit of the training loss)."""
         return -self.log_prob(maps) / (self.num_dims * math.log(2.0))
+
+
+def kl_gap_bits(exact_log_prob: np.ndarray, model_log_prob: np.ndarray, num_dims: int) -> tuple[float, float]:
+    """KL gap of a model on maps drawn from the truth, in bits per pixel, and its standard error.
+
+    ``mean(exact - model) / (num_dims ln 2)`` over the maps, with the SE of that paired mean. Its expectation is
+    KL(truth ‖ model) / num_dims >= 0, zero only for a perfect model; the pairing cancels the map-to-map scatter
+    of log p (hundreds of nats), so a few hundred maps measure gaps of 1e-4 bits/pixel.
+    """
+    e = np.asarray(exact_log_prob, dtype=np.float64)
+    m = np.asarray(model_log_prob, dtype=np.float64)
+    if e.shape != m.shape or e.ndim != 1 or e.size < 2:
+        raise ValueError(f"log probs must be two 1-D arrays of one length >= 2, got {e.shape} and {m.shape}")
+    d = (e - m) / (num_dims * math.log(2.0))
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))

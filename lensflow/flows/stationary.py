@@ -1,0 +1,192 @@
+"""Stationary Gaussian layer: a learned, rotation-invariant whitening filter in an orthonormal Fourier basis.
+
+After Dai & Seljak's translation- and rotation-equivariant flows (TRENF, 2022): the Gaussian part of a
+cosmological field is a stationary, isotropic covariance, which is diagonal in Fourier space. This layer
+transforms each map to an orthonormal real Fourier basis, multiplies every mode by a learned ``C x C``
+lower-triangular matrix that depends only on the mode's radius |k| (so cross-channel correlations of
+tomographic bins are fitted too), and transforms back. It is data-initialised to whiten the training maps'
+power spectrum exactly (per radial knot), so the multi-scale Glow behind it starts from the Gaussian model
+with the measured C_ℓ and only has to learn the non-Gaussian rest.
+
+Bases (both orthonormal real N x N matrices applied on each axis, so the transform's log-det is only the
+filter's): *periodic* maps use the separable discrete Hartley basis ``cas(2π k n / N) / √N``, in which a
+filter even in k_x and in k_y is exactly a circular convolution; *non-periodic* maps use the orthonormal
+DCT-II, whose symmetric boundary extension avoids the wrap-around correlation a periodic filter would put
+between opposite edges of a crop (the DCT nearly diagonalises the Toeplitz covariance of a crop, the DFT
+exactly diagonalises the circulant one of a tile).
+
+Filter: log-diagonal and off-diagonal entries are learned at ``knots`` radii log-spaced between the
+smallest and largest nonzero |k| (plus one for k = 0) and interpolated linearly in log |k|. With
+``cond_dim`` a zero-initialised linear map of ``cond`` adds to every knot, so the spectrum can follow the
+cosmology. ``forward(x, cond) -> (y, logdet[B])``, ``inverse(y, cond) -> x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._common import acc_dtype, check_cond, check_positive_int, stream_dtype
+
+
+def _dct_basis(n: int) -> tuple[Tensor, Tensor]:
+    """Orthonormal DCT-II matrix [n, n] (rows are modes) and each mode's angular frequency (rad/pixel)."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    x = torch.arange(n, dtype=torch.float64)[None, :]
+    m = torch.cos(math.pi * (2 * x + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m, math.pi * torch.arange(n, dtype=torch.float64) / n
+
+
+def _hartley_basis(n: int) -> tuple[Tensor, Tensor]:
+    """Orthonormal discrete Hartley matrix [n, n] (symmetric) and each mode's angular frequency (rad/pixel)."""
+    k = torch.arange(n, dtype=torch.float64)
+    arg = 2 * math.pi * k[:, None] * k[None, :] / n
+    m = (torch.cos(arg) + torch.sin(arg)) / math.sqrt(n)
+    return m, 2 * math.pi * torch.minimum(k, n - k) / n
+
+
+class StationaryGaussian(nn.Module):
+    """Learned isotropic ``C x C`` whitening filter per Fourier mode (see the module docstring).
+
+    Args:
+        channels: map channels.
+        size: map side in pixels.
+        periodic: Hartley basis (periodic maps) instead of the DCT-II (crops).
+        knots: radial knots of the filter (>= 2), plus one for k = 0.
+        cond_dim: conditioning size (0: unconditional).
+    """
+
+    def __init__(self, channels: int, size: int, periodic: bool = False, knots: int = 24, cond_dim: int = 0) -> None:
+        super().__init__()
+        check_positive_int("channels", channels)
+        check_positive_int("size", size, minimum=2)
+        check_positive_int("knots", knots, minimum=2)
+        check_positive_int("cond_dim", cond_dim, minimum=0)
+        self.channels, self.size, self.periodic = channels, size, bool(periodic)
+        self.knots, self.cond_dim = knots, cond_dim
+        basis, freq = (_hartley_basis if periodic else _dct_basis)(size)
+        radius = torch.hypot(freq[:, None], freq[None, :])  # [N, N]
+        # Interpolation of the knot values to every mode: knot `knots` is k = 0, the rest log-spaced in |k|.
+        pos = radius > 0
+        lr = torch.log(radius[pos])
+        grid = torch.linspace(float(lr.min()), float(lr.max()), knots, dtype=torch.float64)
+        t = ((lr - grid[0]) / (grid[1] - grid[0])).clamp(0, knots - 1 - 1e-9)
+        lo = torch.full(radius.shape, knots, dtype=torch.long)
+        frac = torch.zeros(radius.shape, dtype=torch.float64)
+        lo[pos] = t.floor().long()
+        frac[pos] = t - t.floor()
+        weights = torch.zeros(size, size, knots + 1, dtype=torch.float64)
+        weights.scatter_(-1, lo[..., None], (1 - frac)[..., None])
+        hi = torch.where(pos, lo + 1, lo).clamp_max(knots)
+        weights.scatter_add_(-1, hi[..., None], torch.where(pos, frac, torch.zeros_like(frac))[..., None])
+        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("weights", weights, persistent=False)  # [N, N, K+1]: mode <- knots
+        self.raw = nn.Parameter(torch.zeros(knots + 1, channels, channels))
+        self.register_buffer("tril", torch.tril(torch.ones(channels, channels), -1), persistent=False)
+        if cond_dim:
+            self.cond_proj = nn.Linear(cond_dim, (knots + 1) * channels * channels)
+            nn.init.zeros_(self.cond_proj.weight)
+            nn.init.zeros_(self.cond_proj.bias)
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._init_known = False
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @property
+    def is_initialized(self) -> bool:
+        if not self._init_known:
+            self._init_known = bool(self.initialized.item())
+        return self._init_known
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_known = False
+
+    # -- the transform ----------------------------------------------------------------------------------------
+    def _to_modes(self, x: Tensor) -> Tensor:
+        b = self.basis.to(x.dtype)
+        return b @ x @ b.T
+
+    def _from_modes(self, m: Tensor) -> Tensor:
+        b = self.basis.to(m.dtype)
+        return b.T @ m @ b
+
+    def _knots(self, cond: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor:
+        """Knot parameters [B or 1, K+1, C, C]."""
+        raw = self.raw.to(dtype)[None]
+        if self.cond_dim:
+            cond = check_cond(cond, self.cond_dim, batch, "StationaryGaussian")
+            shape = (batch, self.knots + 1, self.channels, self.channels)
+            raw = raw + self.cond_proj(cond).to(dtype).view(shape)
+        return raw
+
+    def _filter(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-mode lower-triangular filters [B, N, N, C, C] and their log-diagonals summed over modes [B]."""
+        w = self.weights.to(raw.dtype)
+        per_mode = torch.einsum("uvk,bkij->buvij", w, raw)
+        logdiag = torch.diagonal(per_mode, dim1=-2, dim2=-1)  # [B, N, N, C]
+        lower = per_mode * self.tril.to(raw.dtype) + torch.diag_embed(logdiag.exp())
+        return lower, logdiag.sum(dim=(1, 2, 3))
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Data -> latent direction: ``y = B^T (L(|k|) (B x B^T)) B``. Returns ``(y, logdet[B])``."""
+        self._check(x)
+        if not self.is_initialized:
+            self.initialize(x)
+        dt = stream_dtype(x)
+        modes = self._to_modes(x.to(dt))
+        lower, logdet = self._filter(self._knots(cond, x.shape[0], dt))
+        if self.channels == 1:
+            out = modes * lower[..., 0, 0].unsqueeze(1)
+        else:
+            out = torch.einsum("buvij,bjuv->biuv", lower, modes)
+        y = self._from_modes(out)
+        return y.to(x.dtype), logdet.to(acc_dtype(x)).expand(x.shape[0])
+
+    def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
+        self._check(y)
+        dt = stream_dtype(y)
+        modes = self._to_modes(y.to(dt))
+        lower, _ = self._filter(self._knots(cond, y.shape[0], dt))
+        if self.channels == 1:
+            out = modes / lower[..., 0, 0].unsqueeze(1)
+        else:
+            rhs = modes.permute(0, 2, 3, 1).unsqueeze(-1)  # [B, N, N, C, 1]
+            out = torch.linalg.solve_triangular(lower.expand(rhs.shape[0], -1, -1, -1, -1), rhs, upper=False)
+            out = out.squeeze(-1).permute(0, 3, 1, 2)
+        return self._from_modes(out).to(y.dtype)
+
+    def _check(self, x: Tensor) -> None:
+        want = (self.channels, self.size, self.size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {tuple(x.shape)}")
+
+    # -- data-dependent initialisation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Whiten ``x`` [B, C, N, N]: each knot's filter is the inverse Cholesky factor of the knot-weighted mode
+        covariance; sums are all-reduced over processes when ``torch.distributed`` is initialised (as ActNorm)."""
+        self._check(x)
+        modes = self._to_modes(x.detach().to(torch.float64))  # [B, C, N, N]
+        outer = torch.einsum("biuv,bjuv->uvij", modes, modes)  # [N, N, C, C], summed over maps
+        w = self.weights.to(torch.float64)
+        stats = torch.cat([torch.einsum("uvk,uvij->kij", w, outer).flatten(), (w.sum((0, 1)) * x.shape[0])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        k, c = self.knots + 1, self.channels
+        cov = stats[: k * c * c].view(k, c, c) / stats[k * c * c :].clamp_min(1e-300).view(k, 1, 1)
+        cov = cov + 1e-9 * torch.eye(c, dtype=cov.dtype) * cov.diagonal(dim1=-2, dim2=-1).mean(-1).view(k, 1, 1)
+        inv = torch.linalg.inv(torch.linalg.cholesky(cov))  # lower-triangular whitening per knot
+        raw = inv * self.tril.to(inv.dtype) + torch.diag_embed(torch.log(torch.diagonal(inv, dim1=-2, dim2=-1)))
+        self.raw.copy_(raw.to(self.raw.dtype))
+        self.initialized.fill_(1)
+        self._init_known = True
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, size={self.size}, basis={'hartley' if self.periodic else 'dct'}, "
+            f"knots={self.knots}, cond_dim={self.cond_dim}"
+        )
