@@ -160,7 +160,14 @@ def _simulated_store(tmp_path, *overrides):
     with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
         cfg = compose(
             config_name="simulate",
-            overrides=["npix=8", "pixel_arcmin=3.28", "sim.cosmology.m_nu=0", "progress=false", f"out={out}", *overrides],
+            overrides=[
+                "npix=8",
+                "pixel_arcmin=3.28",
+                "sim.cosmology.m_nu=0",
+                "progress=false",
+                f"out={out}",
+                *overrides,
+            ],
         )
     return simulate(cfg)
 
@@ -200,7 +207,9 @@ def test_a_store_without_a_flat_simulation_has_no_truth(tmp_path):
     from lensflow.sims.truth import StoreTruth
 
     mock = StoreMeta(pixel_arcmin=3.28, source_redshifts=(1.0,), kind="mock", extra={"seed": 0})
-    with pytest.raises(ValueError, match=r"mocks.h5: no exact likelihood: the store was not written by a built-in flat"):
+    with pytest.raises(
+        ValueError, match=r"mocks.h5: no exact likelihood: the store was not written by a built-in flat"
+    ):
         StoreTruth(mock, "mocks.h5")
     ingested = StoreMeta(pixel_arcmin=3.28, source_redshifts=(1.0,), extra={"source": "MassiveNuS"})
     with pytest.raises(ValueError, match="no exact likelihood"):

@@ -177,7 +177,13 @@ class StationaryGaussian(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         k, c = self.knots + 1, self.channels
-        cov = stats[: k * c * c].view(k, c, c) / stats[k * c * c :].clamp_min(1e-300).view(k, 1, 1)
+        count = stats[k * c * c :]
+        cov = stats[: k * c * c].view(k, c, c) / count.clamp_min(1e-300).view(k, 1, 1)
+        # A knot between the discrete radii of a small map touches no mode: give it its nearest used knot's value
+        # (it does not enter the filter until training moves the knots, and then it starts sensible).
+        used = torch.nonzero(count[:-1] > 1e-9 * count.max()).flatten()  # radial knots with modes
+        nearest = used[(torch.arange(self.knots)[:, None] - used[None, :]).abs().argmin(dim=1)]
+        cov = torch.cat([cov[nearest], cov[-1:]])  # the k = 0 knot always holds the mean mode
         cov = cov + 1e-9 * torch.eye(c, dtype=cov.dtype) * cov.diagonal(dim1=-2, dim2=-1).mean(-1).view(k, 1, 1)
         inv = torch.linalg.inv(torch.linalg.cholesky(cov))  # lower-triangular whitening per knot
         raw = inv * self.tril.to(inv.dtype) + torch.diag_embed(torch.log(torch.diagonal(inv, dim1=-2, dim2=-1)))
