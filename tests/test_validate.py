@@ -239,8 +239,12 @@ def test_select_indices_by_params(tmp_path):
 
 
 def test_notebooks_are_committed_without_outputs():
-    for name in ("validation_report.ipynb", "explore_simulations.ipynb"):
-        text = (ROOT / "notebooks" / name).read_text()
+    for path in (
+        ROOT / "lensflow" / "report" / "validation_report.ipynb",
+        ROOT / "notebooks" / "explore_simulations.ipynb",
+    ):
+        name = path.name
+        text = path.read_text()
         assert '"output_type"' not in text, name
         nb = json.loads(text)
         assert nb["metadata"]["kernelspec"]["name"] == "python3"
