@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["pipeline_stage_line", "verdict_lines"]
+__all__ = ["pipeline_line", "pipeline_stage_line", "verdict_lines"]
 
 
 def verdict_lines(summary: Mapping[str, Any], report: str | os.PathLike) -> str:
@@ -19,4 +19,9 @@ def verdict_lines(summary: Mapping[str, Any], report: str | os.PathLike) -> str:
 
 def pipeline_stage_line(stage: str, run: bool, why: str) -> str:
     """One stage of the pipeline's plan: ``[pipeline] STAGE run |skip (why)``."""
-    return f"[pipeline] {stage:<9} {'run ' if run else 'skip'} ({why})"
+    return pipeline_line(f"{stage:<9} {'run ' if run else 'skip'} ({why})")
+
+
+def pipeline_line(text: str) -> str:
+    """A line of the pipeline's progress: ``[pipeline] TEXT``."""
+    return f"[pipeline] {text}"
