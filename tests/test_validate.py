@@ -341,3 +341,17 @@ def test_partial_options_take_the_yaml_defaults():
     assert vc.memorization.tolerances == MemorizationTolerances()
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['bins.ell_bins'\]"):
         MeasureOptions.from_mapping({"bins": {"ell_bins": 10}})
+
+
+def test_report_and_compare_import_no_higher_floor():
+    """compare/ stays on the ground floor (no Hydra, no Lightning) and report/ takes data in: it imports no
+    command package."""
+    mods = ["lensflow.compare", *(f"lensflow.report.{m}" for m in ("figures", "html", "notebook", "text"))]
+    higher = ["hydra", "omegaconf", "lightning", "lensflow.validation", "lensflow.validate", "lensflow.pipeline"]
+    higher += ["lensflow.training", "lensflow.generation", "lensflow.train", "lensflow.generate", "lensflow.module"]
+    code = (
+        f"import importlib, sys\nfor m in {mods!r}:\n    importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in {higher!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
