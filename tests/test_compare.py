@@ -199,7 +199,11 @@ def test_optional_gates_and_bad_input():
     rng = np.random.default_rng(12)
     ref = rng.normal(size=(300, 20))
     cand = rng.normal(size=(300, 20)) + 0.1  # 0.1σ shift everywhere: each bin < 3 SE, jointly obvious
-    assert C.compare({"s": ref}, {"s": cand})["pass"]
+    # the per-bin criteria pass it; since issue 14 the omnibus test of the joint vector gates by default and fails it
+    per_bin = C.compare({"s": ref}, {"s": cand}, {"omnibus_sigma": None})
+    assert per_bin["pass"]
+    default = C.compare({"s": ref}, {"s": cand})
+    assert not default["pass"] and not default["omnibus"]["pass"] and default["statistics"]["s"]["verdict"]["pass"]
     strict = C.compare({"s": ref}, {"s": cand}, {"chi2_pvalue": 1e-3})
     assert not strict["pass"] and strict["statistics"]["s"]["verdict"]["chi2"] is False
     with pytest.raises(ValueError, match="tolerances: unknown key"):

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from scipy import stats as sps
 
-from lensflow._util.checks import check_choice, check_number
+from lensflow._util.checks import check_choice, check_int, check_number
 
 __all__ = ["MULTIPLE_TESTING", "MemorizationTolerances", "Tolerances", "family_alpha", "per_bin_sigma"]
 
@@ -59,6 +59,13 @@ class Tolerances:
         chi2_pvalue: if set, a statistic also fails when the Hotelling/Hartlap p-value is below it.
         moments_sigma: if set, a statistic also fails when a skewness or kurtosis |t| exceeds it (after
             the multiple-testing correction).
+        permutations: relabellings of the pooled maps that calibrate the family-wise thresholds of the mean and
+            spread criteria and the omnibus test (:mod:`lensflow.compare.permutation`), exact for any sample
+            sizes; ``None`` uses the analytic ``multiple_testing`` thresholds (calibrated only when every bin is
+            near-Gaussian and the sets are large).
+        omnibus_sigma: the energy-distance test of the joint summary vector fails below the p-value 2Φ(−σ)
+            (one more family, one-sided like the test); ``None`` reports it without gating.
+        omnibus_max_maps: maps per set entering the omnibus test (random subsets above it).
     """
 
     mean_rtol: float = 0.02
@@ -71,8 +78,15 @@ class Tolerances:
     family: str = "report"
     chi2_pvalue: float | None = None
     moments_sigma: float | None = None
+    permutations: int | None = 1000
+    omnibus_sigma: float | None = 3.0
+    omnibus_max_maps: int = 2000
 
     def __post_init__(self) -> None:
+        if self.permutations is not None:
+            check_int("tolerances.permutations", self.permutations, minimum=1)
+        check_int("tolerances.omnibus_max_maps", self.omnibus_max_maps, minimum=10)
+        check_number("tolerances.omnibus_sigma", self.omnibus_sigma, minimum=0, strict_min=True, allow_none=True)
         for name in ("mean_rtol", "mean_sigma", "std_rtol", "corr_rms"):
             check_number(f"tolerances.{name}", getattr(self, name), minimum=0)
         for name in ("std_sigma", "corr_sigma", "moments_sigma"):
@@ -81,6 +95,11 @@ class Tolerances:
             raise ValueError(f"tolerances.chi2_pvalue must lie in (0, 1) or be null, got {self.chi2_pvalue!r}")
         check_choice("tolerances.family", self.family, ("report", "statistic"))
         check_choice("tolerances.multiple_testing", self.multiple_testing, MULTIPLE_TESTING)
+
+    @property
+    def alpha(self) -> float:
+        """The family-wise false-alarm level of one criterion: 2Φ(−mean_sigma) (0.27 % at 3σ)."""
+        return float(2.0 * sps.norm.sf(self.mean_sigma))
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | Tolerances | None) -> Tolerances:

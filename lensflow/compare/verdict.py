@@ -25,6 +25,8 @@ from lensflow.compare.metrics import (
     correlation_of,
     moment_tstats_of,
 )
+from lensflow.compare.omnibus import energy_test
+from lensflow.compare.permutation import permutation_thresholds
 from lensflow.compare.tolerances import Tolerances, family_alpha, per_bin_sigma
 
 __all__ = [
@@ -55,6 +57,7 @@ class Pair:
     tol: Tolerances
     family_bins: int
     family_statistics: int
+    calibrated: Mapping[str, Any] | None = None  # permutation thresholds and pooled z (see permutation.py)
 
     @property
     def n_bins(self) -> int:
@@ -110,27 +113,31 @@ def standardized_deviations(reference: Any, candidate: Any) -> dict[str, np.ndar
 
 
 def _mean_criterion(p: Pair) -> Criterion:
-    """Mean per bin within max(mean_rtol·|μ_r|, z_F·SE)."""
+    """Mean per bin within max(mean_rtol·|μ_r|, z*·SE).
+
+    With permutations (default) z* is the family's permutation threshold and SE the pooled-scale standard error
+    (finite wherever either set varies); otherwise z* is the analytic ``multiple_testing`` threshold and SE Welch's.
+    """
     tol = p.tol
     dev = mean_deviation(p.mr, p.mc)
-    zf = per_bin_sigma(tol.mean_sigma, p.family_bins, tol.multiple_testing)
-    allow = np.maximum(tol.mean_rtol * np.abs(p.mr.mean), zf * dev["se"])
+    fields: dict[str, Any] = {"frac_error_mean": dev["frac"], "z_mean": dev["z"], "se_mean": dev["se"]}
+    if p.calibrated is not None:
+        zf, se, z = float(p.calibrated["t_mean"]), p.calibrated["se_pooled"], p.calibrated["z_mean"]
+        fields["z_mean_pooled"] = z
+    else:
+        zf, se, z = per_bin_sigma(tol.mean_sigma, p.family_bins, tol.multiple_testing), dev["se"], dev["z"]
+    allow = np.maximum(tol.mean_rtol * np.abs(p.mr.mean), zf * se)
     ok = np.abs(dev["d"]) <= allow
-    fields = {
-        "frac_error_mean": dev["frac"],
-        "z_mean": dev["z"],
-        "se_mean": dev["se"],
-        "mean_sigma_per_bin": zf,
-        "mean_allowed": allow,
-        "mean_pass_bins": ok,
-    }
+    fields.update({"mean_sigma_per_bin": zf, "mean_allowed": allow, "mean_pass_bins": ok})
     failure = None
     if not ok.all():
         bad = np.flatnonzero(~ok)
-        worst = bad[np.argmax(np.abs(dev["z"][bad]))]
+        worst = bad[np.argmax(np.abs(z[bad]))]
+        frac = dev["frac"][worst]
+        off = _fmt_pct(frac) if np.isfinite(frac) else f"{dev['d'][worst]:+.3g} (reference mean 0)"
         failure = (
             f"mean: {bad.size}/{p.n_bins} bins outside max({tol.mean_rtol:.0%}, {zf:.2f} SE); worst bin "
-            f"{_bin_label(worst, p.shape)} off by {_fmt_pct(dev['frac'][worst])} ({_fmt(dev['z'][worst])} SE)"
+            f"{_bin_label(worst, p.shape)} off by {off} ({_fmt(z[worst])} SE)"
         )
     return Criterion(bool(ok.all()), fields, failure)
 
@@ -150,9 +157,14 @@ def _std_criterion(p: Pair) -> Criterion:
         )
     z_bf = brown_forsythe_z(p.r, p.c)
     ok = both0 | (np.abs(ratio - 1) <= tol.std_rtol)
-    if tol.std_sigma is not None:
+    fields = {"std_ratio": ratio, "std_se_log": se_log, "std_z_bf": z_bf}
+    if tol.std_sigma is not None and p.calibrated is not None:
+        # spread z on absolute deviations from the pooled median, against the family's permutation threshold
+        ok |= np.abs(p.calibrated["z_spread"]) <= float(p.calibrated["t_spread"])
+        fields.update({"std_z_spread": p.calibrated["z_spread"], "std_sigma_per_bin": float(p.calibrated["t_spread"])})
+    elif tol.std_sigma is not None:
         ok |= np.abs(z_bf) <= per_bin_sigma(tol.std_sigma, p.family_bins, tol.multiple_testing)
-    fields = {"std_ratio": ratio, "std_se_log": se_log, "std_z_bf": z_bf, "std_pass_bins": ok}
+    fields["std_pass_bins"] = ok
     failure = None
     if not ok.all():
         bad = np.flatnonzero(~ok)
@@ -229,12 +241,16 @@ def compare_statistic(
     tolerances: Tolerances | Mapping[str, Any] | None = None,
     name: str = "statistic",
     family: tuple[int, int] | None = None,
+    calibrated: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every metric and the verdict for one statistic: ``reference`` [N_r, ...], ``candidate`` [N_c, ...].
 
     ``family`` = (bins, statistics) of the multiple-testing family this statistic belongs to
     (:func:`compare` passes the totals when ``tolerances.family == "report"``); default: this statistic.
-    Arrays in the result are flattened over the trailing axes (``shape`` gives them back).
+    ``calibrated`` carries the permutation thresholds of the family (``t_mean``, ``t_spread``) and this
+    statistic's pooled z and SE (:func:`lensflow.compare.permutation.permutation_thresholds`); :func:`compare`
+    computes it when ``tolerances.permutations`` is set. Arrays in the result are flattened over the trailing
+    axes (``shape`` gives them back).
     """
     tol = Tolerances.from_mapping(tolerances)
     r, shape = as_rows(name, reference, "reference")
@@ -244,7 +260,7 @@ def compare_statistic(
     mr, mc = Moments.of(r), Moments.of(c)
     n_live = int(np.sum(np.sqrt(mr.std**2 / mr.n + mc.std**2 / mc.n) > 0))
     n_fam, n_stat = family if family is not None else (n_live, 1)
-    pair = Pair(name, shape, r, c, mr, mc, tol, max(n_fam, n_live), n_stat)
+    pair = Pair(name, shape, r, c, mr, mc, tol, max(n_fam, n_live), n_stat, calibrated)
     out: dict[str, Any] = {
         "shape": list(shape),
         "n_bins": pair.n_bins,
@@ -272,46 +288,95 @@ def compare_statistic(
 
 
 def compare(
-    reference: Mapping[str, Any], candidate: Mapping[str, Any], tolerances: Tolerances | Mapping[str, Any] | None = None
+    reference: Mapping[str, Any],
+    candidate: Mapping[str, Any],
+    tolerances: Tolerances | Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Compare per-map statistics of two sets, statistic by statistic.
+    """Compare per-map statistics of two sets, statistic by statistic, and their joint summary vectors.
 
     Args:
         reference: {name: array [N_r, ...]} (e.g. from :func:`lensflow.stats.summarize` of simulations).
         candidate: {name: array [N_c, ...]} with the same names and bin shapes.
         tolerances: :class:`Tolerances` or a mapping of its fields (defaults when ``None``).
+        seed: seed of the permutations (the verdict is reproducible for a given seed).
 
     Returns:
         ``{"pass": bool, "n_reference", "n_candidate", "tolerances": {...}, "statistics": {name:
-        compare_statistic(...)}, "failures": [one line per failed statistic]}``.
+        compare_statistic(...)}, "calibration": {...} or None, "omnibus": {...}, "failures": [...]}``.
     """
     tol = Tolerances.from_mapping(tolerances)
+    flat_r, flat_c = _flat_sets(reference, candidate)
+    calibrated, calibration = _calibrate(flat_r, flat_c, tol, seed)
+    n_bins = sum(int(np.sum((flat_r[k].std(axis=0) > 0) | (flat_c[k].std(axis=0) > 0))) for k in flat_r)
+    family = (n_bins, len(reference)) if tol.family == "report" else None
+    res = {
+        name: compare_statistic(
+            reference[name], candidate[name], tol, name=name, family=family, calibrated=calibrated.get(name)
+        )
+        for name in reference
+    }
+    first = next(iter(res.values()))
+    failures = [f"{name}: {msg}" for name, r in res.items() for msg in r["failures"]]
+    omnibus = energy_test(
+        flat_r, flat_c, permutations=tol.permutations or 1000, seed=seed, max_maps=tol.omnibus_max_maps
+    )
+    omnibus["alpha"] = None if tol.omnibus_sigma is None else float(sps.norm.sf(tol.omnibus_sigma) * 2.0)
+    omnibus["pass"] = omnibus["alpha"] is None or omnibus["pvalue"] >= omnibus["alpha"]
+    if not omnibus["pass"]:
+        failures.append(
+            f"omnibus: the joint summary vectors differ (energy distance p = {omnibus['pvalue']:.2g} < "
+            f"{omnibus['alpha']:.2g}, {omnibus['features']} bins, {omnibus['permutations']} permutations)"
+        )
+    return {
+        "pass": all(r["verdict"]["pass"] for r in res.values()) and omnibus["pass"],
+        "n_reference": first["n_reference"],
+        "n_candidate": first["n_candidate"],
+        "tolerances": asdict(tol),
+        "statistics": res,
+        "calibration": calibration,
+        "omnibus": omnibus,
+        "failures": failures,
+    }
+
+
+def _flat_sets(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Both sets as {name: [N, F]} float64, after checking that they hold the same statistics and bins."""
     missing = sorted(set(reference) ^ set(candidate))
     if missing:
         raise ValueError(f"reference and candidate statistics differ: {missing} present in only one set")
     if not reference:
         raise ValueError("no statistics to compare")
-    n_bins = 0
+    flat_r, flat_c = {}, {}
     for name in reference:
         r, shape = as_rows(name, reference[name], "reference")
         c, shape_c = as_rows(name, candidate[name], "candidate")
         if shape != shape_c:
             raise ValueError(f"statistic {name!r}: reference bins {shape} differ from candidate bins {shape_c}")
-        n_bins += int(np.sum((r.std(axis=0) > 0) | (c.std(axis=0) > 0)))
-    family = (n_bins, len(reference)) if tol.family == "report" else None
-    res = {
-        name: compare_statistic(reference[name], candidate[name], tol, name=name, family=family) for name in reference
-    }
-    first = next(iter(res.values()))
-    failures = [f"{name}: {msg}" for name, r in res.items() for msg in r["failures"]]
-    return {
-        "pass": all(r["verdict"]["pass"] for r in res.values()),
-        "n_reference": first["n_reference"],
-        "n_candidate": first["n_candidate"],
-        "tolerances": asdict(tol),
-        "statistics": res,
-        "failures": failures,
-    }
+        flat_r[name], flat_c[name] = r, c
+    return flat_r, flat_c
+
+
+def _calibrate(flat_r: dict, flat_c: dict, tol: Tolerances, seed: int) -> tuple[dict, dict | None]:
+    """Permutation thresholds per family (the report, or each statistic) and each statistic's pooled z."""
+    if tol.permutations is None:
+        return {}, None
+    families = [list(flat_r)] if tol.family == "report" else [[k] for k in flat_r]
+    per_stat: dict[str, dict[str, Any]] = {}
+    records = []
+    for names in families:
+        th, z = permutation_thresholds(
+            {k: flat_r[k] for k in names},
+            {k: flat_c[k] for k in names},
+            alpha=tol.alpha,
+            permutations=tol.permutations,
+            seed=seed,
+        )
+        records.append({"statistics": names, **asdict(th)})
+        for k in names:
+            per_stat[k] = {**z[k], "t_mean": th.mean, "t_spread": th.spread}
+    return per_stat, {"method": "permutation", "families": records}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ __all__ = ["pipeline_line", "pipeline_stage_line", "verdict_lines"]
 
 def verdict_lines(summary: Mapping[str, Any], report: str | os.PathLike) -> str:
     """A validation's verdict: ``PASS: k/n checks pass; report PATH``, then one indented line per failure."""
-    verdicts = summary["verdicts"]
+    verdicts = {**summary["verdicts"], **(summary.get("gates") or {})}
     head = f"{'PASS' if summary['pass'] else 'FAIL'}: {sum(bool(v) for v in verdicts.values())}/{len(verdicts)} "
     lines = [f"{head}checks pass; report {report}", *(f"  {f}" for f in summary["failures"])]
+    lines += [f"  warning: {w}" for w in summary.get("low_power") or []]
     return "\n".join(lines)
 
 

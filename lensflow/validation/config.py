@@ -259,6 +259,15 @@ class NotebookOptions:
 
 
 @dataclass(frozen=True)
+class FieldOptions:
+    """The field-level check: the emulator's KL gap on the reference maps against their exact likelihood."""
+
+    emulator: Path | None
+    max_maps: int
+    kl_tolerance: float | None
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     """Everything :func:`lensflow.validation.validate` needs, typed and checked; ``plain`` is the resolved
     tree as written to ``summary.json``."""
@@ -269,6 +278,7 @@ class ValidationConfig:
     memorization: MemorizationOptions
     figures: FigureOptions
     notebook: NotebookOptions
+    field: FieldOptions
     out: Path
     overwrite: bool
     batch_size: int
@@ -320,7 +330,7 @@ def load_config(cfg: Mapping[str, Any] | Any) -> ValidationConfig:
     Raises ``ValueError`` with one line naming the key on bad input (checked before any work is done).
     """
     c = _complete(cfg)
-    fig, nb = c["figures"], c["notebook"]
+    fig, nb, fld = c["figures"], c["notebook"], c["field"]
     out = _required(c, "out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} exists and is not a folder")
@@ -333,6 +343,11 @@ def load_config(cfg: Mapping[str, Any] | Any) -> ValidationConfig:
             check_bool("figures.enabled", fig["enabled"]),
             check_int("figures.sample_maps", fig["sample_maps"], 0),
             check_int("figures.dpi", fig["dpi"]),
+        ),
+        field=FieldOptions(
+            None if c["emulator"] in (None, "") else Path(str(c["emulator"])),
+            check_int("field.max_maps", fld["max_maps"], 2),
+            check_number("field.kl_tolerance", fld["kl_tolerance"], minimum=0, allow_none=True),
         ),
         notebook=NotebookOptions(
             check_bool("notebook.execute", nb["execute"]),

@@ -65,6 +65,7 @@ class Measured:
     channels: int
     npix: int
     seconds: float
+    field: dict[str, Any] | None = None
 
 
 def write_stats(
@@ -154,14 +155,26 @@ def summary_record(
     if mem.get("status") == "done":
         verdicts["memorization"] = mem["pass"]
         failures += mem["failures"]
-    passed = all(verdicts.values())
+    # report-level gates beside the per-statistic verdicts: the omnibus test and the field-level KL gap
+    gates: dict[str, bool] = {}
+    if result.get("omnibus") is not None and result["omnibus"].get("alpha") is not None:
+        gates["omnibus"] = bool(result["omnibus"]["pass"])
+    if m.field is not None and m.field.get("gating"):
+        gates["field"] = bool(m.field["pass"])
+        failures += m.field.get("failures", [])
+    passed = all(verdicts.values()) and all(gates.values())
     summary = {
         "schema": SCHEMA,
         "pass": passed,
         "exit_code": 0 if passed else 1,
         "verdicts": verdicts,
+        "gates": gates,
         "failures": failures,
         "warnings": warnings,
+        "low_power": [w for w in warnings if w.startswith("low power")],
+        "calibration": result.get("calibration"),
+        "omnibus": result.get("omnibus"),
+        "field": m.field,
         "table": summary_rows(result),
         "statistics": result["statistics"],
         "memorization": {k: v for k, v in mem.items() if k not in _DISTANCES},
