@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from lensflow.flows import ActNorm, AffineCoupling, CouplingNet, FlowStep, InvConv1x1, Preprocess, Split, Squeeze, nets
+from lensflow.flows import ActNorm, AffineCoupling, CouplingNet, FlowStep, InvConv1x1, Preprocess, Split, Squeeze
+from lensflow.flows import _conv, _fused_cpu
 from lensflow.flows.split import TopPrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -198,7 +199,7 @@ def _net_grads(net, x, cond, gy):
 def test_coupling_net_fused_backward_matches_autograd(padding, cond_dim, dtype, monkeypatch):
     """The hand-written GEMM backward (workspace, in-place ReLU masks, 9-tap 3x3 convolutions) gives
     autograd's gradients for the input, cond and every parameter, on a non-square map with odd sizes."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)  # fused even for this tiny net
+    monkeypatch.setattr(_fused_cpu, "FUSED_MIN_MACS", 0)  # fused even for this tiny net
     torch.manual_seed(0)
     net = CouplingNet(3, 4, 16, cond_dim=cond_dim, padding=padding).to(dtype)
     _randomize(net, 0.3)
@@ -207,7 +208,7 @@ def test_coupling_net_fused_backward_matches_autograd(padding, cond_dim, dtype, 
     gy = torch.randn(2, 4, 5, 7, generator=_gen(3), dtype=dtype)
     y1, g1 = _net_grads(net, x, cond, gy)
     assert type(y1.grad_fn).__name__ == "_CouplingNetFnBackward"
-    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
+    monkeypatch.setattr(_fused_cpu, "use_fused", lambda *a: False)
     y0, g0 = _net_grads(net, x, cond, gy)
     assert type(y0.grad_fn).__name__ != "_CouplingNetFnBackward"
     tol = {"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
@@ -232,7 +233,7 @@ def test_coupling_net_fused_gradcheck(padding):
 
     def f(x, w1, b1, w2, b2, w3, b3, cond):
         gamma, beta = net.film(cond).chunk(2, dim=1)
-        return nets._CouplingNetFn.apply(
+        return _fused_cpu._CouplingNetFn.apply(
             x.contiguous(memory_format=torch.channels_last), w1, b1, w2, b2, w3, b3, gamma, beta, padding
         )
 
@@ -242,7 +243,7 @@ def test_coupling_net_fused_gradcheck(padding):
 def test_coupling_net_fused_under_vmap(monkeypatch):
     """jacobian(vectorize=True) vmaps the backward: the fused Function then falls back to plain ops (out= ops have
     no batching rule) and gives the same Jacobian as the non-vectorized loop and as the unfused network."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)
+    monkeypatch.setattr(_fused_cpu, "FUSED_MIN_MACS", 0)
     torch.manual_seed(0)
     net = CouplingNet(2, 2, 6, cond_dim=2, padding="circular").double()
     _randomize(net, 0.5)
@@ -254,7 +255,7 @@ def test_coupling_net_fused_under_vmap(monkeypatch):
 
     jv = torch.autograd.functional.jacobian(f, x.reshape(-1), vectorize=True)
     jl = torch.autograd.functional.jacobian(f, x.reshape(-1))
-    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
+    monkeypatch.setattr(_fused_cpu, "use_fused", lambda *a: False)
     jp = torch.autograd.functional.jacobian(f, x.reshape(-1))
     assert float(jp.abs().max()) > 0.1
     torch.testing.assert_close(jv, jp, rtol=1e-12, atol=1e-12)
@@ -264,7 +265,7 @@ def test_coupling_net_fused_under_vmap(monkeypatch):
 def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
     """no_grad (oneDNN conv + fused ReLU) and grad (custom Function) give the same output; consecutive
     backward passes of different sizes share one per-thread workspace without corrupting each other."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)
+    monkeypatch.setattr(_fused_cpu, "FUSED_MIN_MACS", 0)
     torch.manual_seed(0)
     big, small = CouplingNet(2, 4, 32), CouplingNet(4, 8, 32)
     _randomize(big, 0.3)
@@ -280,7 +281,7 @@ def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
     g_fused = [p.grad.clone() for p in (*big.parameters(), *small.parameters())]
     for p in (*big.parameters(), *small.parameters()):
         p.grad = None
-    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
+    monkeypatch.setattr(_fused_cpu, "use_fused", lambda *a: False)
     (big(xb).square().sum() + small(xs).square().sum()).backward()
     for a, p in zip(g_fused, (*big.parameters(), *small.parameters()), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-11, atol=1e-11)
@@ -288,7 +289,7 @@ def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
 
 def test_circular_pad_keeps_channels_last():
     x = torch.randn(2, 3, 5, 6, generator=_gen()).contiguous(memory_format=torch.channels_last)
-    p = nets._circular_pad(x, 1)
+    p = _conv.circular_pad(x, 1)
     assert p.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(p, torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular"), rtol=0, atol=0)
 
