@@ -585,8 +585,8 @@ def test_inputs_are_not_modified():
 
 def test_float32_internals_agree_with_float64():
     # GPUs compute in float32: run the same internal kernels in float32 on the CPU against float64
-    from lensflow.stats._array import Bins
-    from lensflow.stats.minkowski import MinkowskiBins, minkowski_tensor
+    from lensflow.stats._bins import Bins, MinkowskiBins
+    from lensflow.stats.minkowski import minkowski_tensor
     from lensflow.stats.peaks import extrema_counts
 
     x64 = torch.from_numpy(_smooth_field(4, 64, 2.0, seed=16))

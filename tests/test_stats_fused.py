@@ -96,7 +96,7 @@ def test_fused_results_do_not_depend_on_threads_or_blocks(monkeypatch):
         torch.set_num_threads(1)
         one = S.summarize(maps, cfg, backend="fused")
         torch.set_num_threads(2)
-        monkeypatch.setattr(S.summary, "_FUSED_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3 maps
+        monkeypatch.setattr(S._summary_fused, "FUSED_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3 maps
         two = S.summarize(maps, cfg, backend="fused")
     finally:
         torch.set_num_threads(old)

@@ -41,9 +41,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lensflow._util.seeds import map_rng
+from lensflow._util.units import ARCMIN
 from lensflow.sims.theory import ccl_cosmology, parse_sources, source_labels, source_zmax
 
-_ARCMIN = math.pi / (180.0 * 60.0)
 _C_KM_S = 299792.458
 KINDS: tuple[str, ...] = ("gaussian", "lognormal")
 
@@ -76,7 +77,7 @@ def patch_directions(
     """Unit vectors [P, N, N, 3] of the pixel centres of gnomonic patches centred at (lon, lat) in degrees."""
     lon = np.radians(np.atleast_1d(np.asarray(lon_deg, float)))
     lat = np.radians(np.atleast_1d(np.asarray(lat_deg, float)))
-    t = (np.arange(npix) - (npix - 1) / 2.0) * pixel_arcmin * _ARCMIN
+    t = (np.arange(npix) - (npix - 1) / 2.0) * pixel_arcmin * ARCMIN
     # rows go north, columns go west (x = -t): FITS sky orientation
     y, x = np.meshgrid(t, -t, indexing="ij")
     v = _tangent_to_vec(lon[:, None], lat[:, None], x.reshape(1, -1), y.reshape(1, -1))
@@ -111,10 +112,10 @@ def patch_centers(npix: int, pixel_arcmin: float, *, lon_offset_deg: float = 0.0
     """
     if npix < 1 or not pixel_arcmin > 0:
         raise ValueError(f"npix must be >= 1 and pixel_arcmin > 0, got {npix}, {pixel_arcmin}")
-    h = npix * pixel_arcmin * _ARCMIN / 2.0  # half side to the pixel edges, tangent-plane units
+    h = npix * pixel_arcmin * ARCMIN / 2.0  # half side to the pixel edges, tangent-plane units
     if h >= 0.5:
         raise ValueError(f"patches of {2 * math.degrees(h):.1f} deg are too large for a gnomonic projection")
-    margin = 1e-3 * pixel_arcmin * _ARCMIN
+    margin = 1e-3 * pixel_arcmin * ARCMIN
 
     def lower(b: float) -> float:
         return _footprint_extent(b, h)[0]
@@ -449,7 +450,7 @@ class FullSkySimulator:
         """
         import glass
 
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(index,))))
+        rng = map_rng(seed, index)
         kappa = np.zeros((self.channels, self._npix_hp))
         for i, delta in enumerate(glass.generate(self.fields, self.gls, self.nside, ncorr=self.ncorr, rng=rng)):
             w = self.weights[:, i]
