@@ -74,29 +74,40 @@ def summarize(
     if border_too_wide(border, npix, cfg.periodic):
         raise ValueError(f"config.border_arcmin: {cfg.border_arcmin} arcmin leaves nothing of {npix}x{npix} maps")
     noise = NoiseStreams(cfg, generator, dev, dt) if cfg.sigma_e is not None else None
-    stats = cfg.statistics
-
     ell_info = None
-    if "cl" in stats:
+    if "cl" in cfg.statistics:
         e = ell_edges_for(cfg, npix)
         ell_info = mode_binning(npix, pix, tuple(e.tolist()))
         check_nonempty_bins(ell_info, npix, pix, e)
-        n_ell = e.size - 1
-        if nchan > 1 and cfg.cross:
-            iu = torch.triu_indices(nchan, nchan, device=dev)
     bins: dict[str, Any] = {}
     for key, e in kappa_edges(cfg).items():
         if key.startswith("v1@") or key.startswith("v2@"):
             continue
         bins[key] = MinkowskiBins(e, dev, dt) if key.startswith("v0@") else Bins(e, dev, dt)
-    scales = cfg.smoothing_arcmin
-    labels = [scale_label(s) for s in scales]
-    sig_pix = [s / pix for s in scales]
-    share_fft = cfg.periodic and any(s > 0 for s in sig_pix)
-
+    labels = [scale_label(s) for s in cfg.smoothing_arcmin]
+    sig_pix = [s / pix for s in cfg.smoothing_arcmin]
     if use_fused(backend, dev, npix, sig_pix):
         return summarize_fused(cfg, batch, x_all, noise, ell_info, bins, labels, sig_pix, border)
+    return _summarize_torch(cfg, batch, x_all, noise, ell_info, bins, labels, border)
 
+
+def _summarize_torch(
+    cfg: SummaryConfig,
+    batch: Batch,
+    x_all: torch.Tensor,
+    noise: NoiseStreams | None,
+    ell_info: dict[str, np.ndarray] | None,
+    bins: dict[str, Any],
+    labels: list[str],
+    border: int,
+) -> dict[str, ArrayLike]:
+    """:func:`summarize` with tensor operations (the reference, and the GPU path), chunk by chunk of maps."""
+    nmaps, nchan, npix = int(x_all.shape[0]), int(x_all.shape[1]), int(x_all.shape[-1])
+    dev, pix, stats = x_all.device, cfg.pixel_arcmin, cfg.statistics
+    scales = cfg.smoothing_arcmin
+    share_fft = cfg.periodic and any(s / pix > 0 for s in scales)
+    cross = nchan > 1 and cfg.cross
+    iu = torch.triu_indices(nchan, nchan, device=dev) if "cl" in stats and cross else None
     parts: dict[str, list[torch.Tensor]] = {}
 
     def put(key: str, value: torch.Tensor, n: int) -> None:
@@ -108,35 +119,42 @@ def summarize(
         if noise is not None:
             x = x + noise.draw((nchan, npix, npix), n)
         flat = x.reshape(n * nchan, npix, npix)
-        cross = nchan > 1 and cfg.cross
         # one forward FFT serves C_ℓ and, for periodic maps, every smoothing scale
         f = torch.fft.rfft2(flat) if share_fft or ("cl" in stats and not cross) else None
         if "cl" in stats:
             assert ell_info is not None
-            if cross:
+            n_ell = ell_info["n_modes"].size
+            if iu is not None:
                 cl = cross_spectra(x, pix, ell_info, n_ell)[:, iu[0], iu[1]]
             else:
                 cl = auto_spectra(flat, pix, ell_info, n_ell, fft=f)
             put("cl", cl, n)
         smoothed = smooth_many(flat, pix, scales, cfg.periodic, fft=f if share_fft else None)
         for lab, y in zip(labels, smoothed, strict=True):
-            if "peaks" in stats:
-                put(f"peaks@{lab}", extrema_counts(y, bins[f"peaks@{lab}"], cfg.periodic, border, False), n)
-            if "minima" in stats:
-                put(f"minima@{lab}", extrema_counts(y, bins[f"minima@{lab}"], cfg.periodic, border, True), n)
-            if "pdf" in stats:
-                put(f"pdf@{lab}", pdf_tensor(crop(y, border), bins[f"pdf@{lab}"]), n)
-            if "minkowski" in stats:
-                v = minkowski_tensor(y, bins[f"v0@{lab}"], pix, cfg.periodic, border)
-                v = v.reshape(n, nchan, 3, -1)
-                for j, key in enumerate(("v0", "v1", "v2")):
-                    put(f"{key}@{lab}", v[:, :, j], n)
-            if "moments" in stats:
-                put(f"moments@{lab}", moments_tensor(crop(y, border)), n)
+            for key, value in _scale_stats(cfg, y, bins, lab, border):
+                put(key, value, n)  # [N*C, bins] -> [N, C*bins], channel-major
 
-    out = {}
-    for key, vals in parts.items():
-        out[key] = to_output(torch.cat(vals, dim=0), batch)
+    return {key: to_output(torch.cat(vals, dim=0), batch) for key, vals in parts.items()}
+
+
+def _scale_stats(
+    cfg: SummaryConfig, y: torch.Tensor, bins: dict[str, Any], lab: str, border: int
+) -> list[tuple[str, torch.Tensor]]:
+    """(key, [N*C, ...] values) of every statistic of smoothed maps ``y`` [N*C, H, W] at one scale."""
+    stats, periodic = cfg.statistics, cfg.periodic
+    out = []
+    if "peaks" in stats:
+        out.append((f"peaks@{lab}", extrema_counts(y, bins[f"peaks@{lab}"], periodic, border, False)))
+    if "minima" in stats:
+        out.append((f"minima@{lab}", extrema_counts(y, bins[f"minima@{lab}"], periodic, border, True)))
+    if "pdf" in stats:
+        out.append((f"pdf@{lab}", pdf_tensor(crop(y, border), bins[f"pdf@{lab}"])))
+    if "minkowski" in stats:
+        v = minkowski_tensor(y, bins[f"v0@{lab}"], cfg.pixel_arcmin, periodic, border)
+        for j, key in enumerate(("v0", "v1", "v2")):
+            out.append((f"{key}@{lab}", v[:, j]))
+    if "moments" in stats:
+        out.append((f"moments@{lab}", moments_tensor(crop(y, border))))
     return out
 
 
