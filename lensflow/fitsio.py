@@ -6,7 +6,7 @@ channels) in the first HDU with image data. Maps are square. The header carries:
 ``ANGLE``        side of the map in degrees (the Columbia lensing / MassiveNuS / LensTools convention);
 ``CTYPE1/2``     ``RA---TAN`` / ``DEC--TAN`` gnomonic WCS about ``CRVAL1/2`` (deg), ``CRPIX1/2 = (N+1)/2``,
                  ``CDELT1 = -Δ``, ``CDELT2 = +Δ`` (deg; north up, east left), ``LONPOLE = 180``. This is
-                 exactly the geometry of :func:`lensflow.sims.fullsky.cut_patches`.
+                 exactly the geometry of :func:`lensflow.sims.patches.cut_patches`.
 ``Z_SOURCE``     source redshift of a one-channel map; ``ZSRC1 .. ZSRCn`` for a cube (absent for n(z) bins);
 parameters       cosmology and other per-map parameters, see :data:`PARAM_KEYS` (``H0`` in km/s/Mpc holds h).
 
