@@ -19,6 +19,9 @@ files, or one cube ``[N, C, H, W]`` with ``NMAPS`` in the header and a ``PARAMS`
 back by :func:`read_fits`.
 
 Readers raise :class:`FitsMapError` (a ``ValueError``) with one line naming the file and the problem.
+
+One file on purpose (about 550 lines): the header convention is written and read here side by side, so the
+writers and the reader cannot disagree about it.
 """
 
 from __future__ import annotations

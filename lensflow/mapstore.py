@@ -23,6 +23,9 @@ Writers stream (memory constant in N) into a temporary file beside the target an
 place on success, so an exception or a kill never leaves a half-written store at the target path.
 Readers validate the schema on open and every map on read, and raise :class:`MapStoreError` with
 one line naming the file and the problem.
+
+One file on purpose (about 600 lines): the schema has one owner, and its writer and reader sit side by
+side so that what is written and what is checked on reading cannot drift apart.
 """
 
 from __future__ import annotations

@@ -49,24 +49,10 @@ SPEC_KEYS: tuple[str, ...] = ("sim", "n_maps", "npix", "pixel_arcmin", "seed", "
 #: Run-time keys of ``conf/simulate.yaml``: where the store goes and how it is written, never what it holds.
 RUN_KEYS: tuple[str, ...] = ("out", "overwrite", "batch_size", "compression", "progress")
 #: Keys of a ``sim`` node per backend (``conf/sim/*.yaml``).
+_COMMON = ("backend", "kind", "cosmology", "z_source", "shift", "periodic", "nonlinear")
 SIM_KEYS: dict[str, tuple[str, ...]] = {
-    "flat": ("backend", "kind", "cosmology", "z_source", "shift", "periodic", "pad", "nonlinear"),
-    "fullsky": (
-        "backend",
-        "kind",
-        "cosmology",
-        "z_source",
-        "shift",
-        "periodic",
-        "nonlinear",
-        "nside",
-        "lmax",
-        "shell_dx",
-        "ncorr",
-        "l_limber",
-        "pixwin",
-        "interpolation",
-    ),
+    "flat": (*_COMMON, "pad"),
+    "fullsky": (*_COMMON, "nside", "lmax", "shell_dx", "ncorr", "l_limber", "pixwin", "interpolation"),
 }
 #: How :func:`ensure_simulated` writes a cached store when the spec does not say (a test keeps these equal to
 #: the values of ``conf/simulate.yaml``).
@@ -79,12 +65,12 @@ CACHE_RUN_DEFAULTS: dict[str, Any] = {"batch_size": 256, "compression": None, "p
 
 
 @functools.lru_cache(maxsize=8)
-def _composed_defaults(sim: str) -> dict[str, Any]:
-    """The spec keys of ``conf/simulate.yaml`` composed with ``sim=<sim>`` (plain; copy before changing)."""
+def _composed_defaults(sim: str | None) -> dict[str, Any]:
+    """The spec keys of ``conf/simulate.yaml`` composed (with ``sim=<sim>`` if given); plain, copy before changing."""
     from hydra.errors import HydraException
 
     try:
-        cfg = cli.compose("simulate", [f"sim={sim}"])
+        cfg = cli.compose("simulate", [f"sim={sim}"] if sim is not None else [])
     except HydraException:
         names = sorted(
             p.name[:-5] for p in files("lensflow.conf").joinpath("sim").iterdir() if p.name.endswith(".yaml")
@@ -93,7 +79,7 @@ def _composed_defaults(sim: str) -> dict[str, Any]:
     return {k: v for k, v in to_plain(cfg).items() if k in SPEC_KEYS}
 
 
-def _defaults(sim: str) -> dict[str, Any]:
+def _defaults(sim: str | None = None) -> dict[str, Any]:
     return to_plain(_composed_defaults(sim))  # a fresh copy
 
 
@@ -108,7 +94,9 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _complete(spec: dict[str, Any]) -> dict[str, Any]:
     """Every spec key and a full ``sim`` node: ``spec`` itself when it has them (a composed config), else
     ``spec`` on top of the composed defaults."""
-    sim = spec.get("sim", "lognormal_flat")
+    if "sim" not in spec:
+        return _merge(_defaults(), spec)
+    sim = spec["sim"]
     if isinstance(sim, str):
         return _merge(_defaults(sim), {**spec, "sim": _defaults(sim)["sim"]})
     if not isinstance(sim, Mapping):

@@ -9,6 +9,9 @@ They are serial and release the GIL (``nogil``); :mod:`lensflow.stats.summary` r
 maps from a pool of threads, so the numpy noise draws and FFTs of the same blocks run in parallel too.
 The torch path stays the reference: tests require both to agree to round-off, and it serves GPUs.
 Definitions (bins, regions, finite differences) are documented on the torch functions.
+
+About 500 lines and one very long kernel (:func:`scale_stats`) on purpose: numba compiles each kernel into one
+loop nest, and splitting it would lose the single pass over memory that is the reason for this module.
 """
 
 from __future__ import annotations
