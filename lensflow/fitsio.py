@@ -6,7 +6,7 @@ channels) in the first HDU with image data. Maps are square. The header carries:
 ``ANGLE``        side of the map in degrees (the Columbia lensing / MassiveNuS / LensTools convention);
 ``CTYPE1/2``     ``RA---TAN`` / ``DEC--TAN`` gnomonic WCS about ``CRVAL1/2`` (deg), ``CRPIX1/2 = (N+1)/2``,
                  ``CDELT1 = -Δ``, ``CDELT2 = +Δ`` (deg; north up, east left), ``LONPOLE = 180``. This is
-                 exactly the geometry of :func:`lensflow.sims.fullsky.cut_patches`.
+                 exactly the geometry of :func:`lensflow.sims.patches.cut_patches`.
 ``Z_SOURCE``     source redshift of a one-channel map; ``ZSRC1 .. ZSRCn`` for a cube (absent for n(z) bins);
 parameters       cosmology and other per-map parameters, see :data:`PARAM_KEYS` (``H0`` in km/s/Mpc holds h).
 
@@ -19,6 +19,9 @@ files, or one cube ``[N, C, H, W]`` with ``NMAPS`` in the header and a ``PARAMS`
 back by :func:`read_fits`.
 
 Readers raise :class:`FitsMapError` (a ``ValueError``) with one line naming the file and the problem.
+
+One file on purpose (about 550 lines): the header convention is written and read here side by side, so the
+writers and the reader cannot disagree about it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lensflow._util.atomic import atomic_dir, atomic_path
 
 #: Header key written for each known parameter name.
 PARAM_KEYS: dict[str, str] = {
@@ -145,7 +150,17 @@ def fits_header(
             for i, z in enumerate(zs, 1):
                 if math.isfinite(z):
                     h[f"ZSRC{i}"] = (float(z), f"source redshift of channel {i}")
-    for name, value in (params or {}).items():
+    set_param_cards(h, params or {})
+    for k, v in (extra or {}).items():
+        h[k] = v
+    h["ORIGIN"] = "lensflow"
+    return h
+
+
+def set_param_cards(h: Any, params: Mapping[str, float]) -> None:
+    """Write per-map parameters into header ``h`` under :data:`PARAM_KEYS` (else the name, upper case, 8 letters);
+    ``h`` goes in as ``H0`` in km/s/Mpc."""
+    for name, value in params.items():
         key = PARAM_KEYS.get(name)
         if key is None:
             key = name.upper()[:8]
@@ -153,23 +168,11 @@ def fits_header(
                 raise ValueError(f"parameter name {name!r} cannot be a FITS header key")
         v = float(value)
         h[key] = (100.0 * v, "Hubble constant [km/s/Mpc]") if name == "h" else (v, name)
-    for k, v in (extra or {}).items():
-        h[k] = v
-    h["ORIGIN"] = "lensflow"
-    return h
 
 
 def _atomic_writeto(hdul: Any, path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists; pass overwrite=True to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         hdul.writeto(tmp, overwrite=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_fits_map(
@@ -432,80 +435,100 @@ def write_mock_fits(
     parameters and realization id (``REALIZ``) in each header. ``layout="cube"``: ``out`` is one FITS
     file with the cube [N, C, H, W] (``n_total`` maps, required) in the primary HDU and a ``PARAMS``
     table (one column per parameter, plus ``REALIZATION``). Either way the output appears at ``out``
-    only when complete (temporary sibling, then rename).
+    only when complete (temporary sibling, then rename), with the umask's permissions.
     """
-    from astropy.io import fits
-
     if layout not in ("files", "cube"):
         raise ValueError(f"layout must be 'files' or 'cube', got {layout!r}")
     target = Path(out)
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise FileExistsError(f"{target}: exists; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    names = tuple(getattr(meta, "param_names", ()))
-    zs = list(getattr(meta, "source_redshifts", ()))
-    pix = float(meta.pixel_arcmin)
-    kind = str(getattr(meta, "kind", "mock"))
-
-    def header_for(npix: int, channels: int) -> Any:
-        return fits_header(
-            npix, pix, channels=channels, z_source=zs if len(zs) == channels else None, extra={"KIND": kind}
-        )
-
     if layout == "files":
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
-            i = 0
-            for kappa, params, real in batches:
-                k = np.asarray(kappa, dtype=np.float32)
-                if k.ndim == 3:
-                    k = k[:, None]
-                for b in range(k.shape[0]):
-                    hdr = header_for(k.shape[-1], k.shape[1])
-                    if params is not None and names:
-                        for name, v in zip(names, np.asarray(params)[b].tolist(), strict=True):
-                            key = PARAM_KEYS.get(name, name.upper()[:8])
-                            hdr[key] = (100.0 * v, "Hubble constant [km/s/Mpc]") if name == "h" else (float(v), name)
-                    if real is not None:
-                        hdr["REALIZ"] = (int(np.asarray(real)[b]), "realization id")
-                    hdr["MAPINDEX"] = i
-                    img = k[b, 0] if k.shape[1] == 1 else k[b]
-                    if not np.isfinite(img).all():
-                        raise ValueError(f"{target}: map {i} has NaN or Inf values; refusing to write it")
-                    fits.PrimaryHDU(img, header=hdr).writeto(tmp / f"map-{i:09d}.fits")
-                    i += 1
-            if i == 0:
-                raise ValueError(f"{target}: no maps to write")
-            _replace_path(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
-
+        return _write_files(target, batches, _MockHeader(meta))
     if n_total is None or n_total < 1:
         raise ValueError("layout='cube' needs n_total, the number of maps")
-    fd, tmpname = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmpfile = Path(tmpname)
-    try:
+    return _write_cube(target, batches, _MockHeader(meta), n_total)
+
+
+class _MockHeader:
+    """The header of every mock map of a store's metadata: geometry, source redshifts, ``KIND``."""
+
+    def __init__(self, meta: Any) -> None:
+        self.names = tuple(getattr(meta, "param_names", ()))
+        self.zs = list(getattr(meta, "source_redshifts", ()))
+        self.pix = float(meta.pixel_arcmin)
+        self.kind = str(getattr(meta, "kind", "mock"))
+
+    def __call__(self, npix: int, channels: int, params: Sequence[float] | None = None) -> Any:
+        p = None if params is None or not self.names else dict(zip(self.names, params, strict=True))
+        z = self.zs if len(self.zs) == channels else None
+        return fits_header(npix, self.pix, channels=channels, z_source=z, params=p, extra={"KIND": self.kind})
+
+
+def _as_nchw(kappa: np.ndarray) -> np.ndarray:
+    k = np.asarray(kappa, dtype=np.float32)
+    return k[:, None] if k.ndim == 3 else k
+
+
+def _write_files(
+    target: Path, batches: Iterable[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]], header: _MockHeader
+) -> Path:
+    """``layout="files"``: a folder of one-map files, written into a temporary folder renamed at the end."""
+    from astropy.io import fits
+
+    with atomic_dir(target, overwrite=True) as tmp:
+        i = 0
+        for kappa, params, real in batches:
+            k = _as_nchw(kappa)
+            for b in range(k.shape[0]):
+                row = None if params is None else np.asarray(params)[b].tolist()
+                hdr = header(k.shape[-1], k.shape[1], row)
+                if real is not None:
+                    hdr["REALIZ"] = (int(np.asarray(real)[b]), "realization id")
+                hdr["MAPINDEX"] = i
+                img = k[b, 0] if k.shape[1] == 1 else k[b]
+                if not np.isfinite(img).all():
+                    raise ValueError(f"{target}: map {i} has NaN or Inf values; refusing to write it")
+                fits.PrimaryHDU(img, header=hdr).writeto(tmp / f"map-{i:09d}.fits")
+                i += 1
+        if i == 0:
+            raise ValueError(f"{target}: no maps to write")
+    return target
+
+
+def _cube_header(header: _MockHeader, k: np.ndarray, n_total: int) -> Any:
+    """The primary header of a streamed cube [n_total, C, H, W] whose first batch is ``k``."""
+    hdr = header(k.shape[-1], k.shape[1])
+    hdr.insert(0, ("SIMPLE", True))
+    hdr.insert(1, ("BITPIX", -32))
+    hdr.insert(2, ("NAXIS", 4))
+    for ax, size in enumerate((k.shape[3], k.shape[2], k.shape[1], n_total), 1):
+        hdr.insert(2 + ax, (f"NAXIS{ax}", size))
+    hdr.insert(7, ("EXTEND", True))  # the PARAMS table follows
+    hdr["NMAPS"] = (n_total, "maps in the cube [N, C, H, W]")
+    hdr["NCHAN"] = (k.shape[1], "channels per map")
+    return hdr
+
+
+def _write_cube(
+    target: Path,
+    batches: Iterable[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]],
+    header: _MockHeader,
+    n_total: int,
+) -> Path:
+    """``layout="cube"``: one file, the cube streamed batch by batch, then the ``PARAMS`` table."""
+    from astropy.io import fits
+
+    names = header.names
+    with atomic_path(target, overwrite=True) as tmpfile:
         stream = None
         done = 0
         pars: list[np.ndarray] = []
         reals: list[np.ndarray] = []
         for kappa, params, real in batches:
-            k = np.asarray(kappa, dtype=np.float32)
-            if k.ndim == 3:
-                k = k[:, None]
+            k = _as_nchw(kappa)
             if stream is None:
-                hdr = header_for(k.shape[-1], k.shape[1])
-                hdr.insert(0, ("SIMPLE", True))
-                hdr.insert(1, ("BITPIX", -32))
-                hdr.insert(2, ("NAXIS", 4))
-                for ax, size in enumerate((k.shape[3], k.shape[2], k.shape[1], n_total), 1):
-                    hdr.insert(2 + ax, (f"NAXIS{ax}", size))
-                hdr.insert(7, ("EXTEND", True))  # the PARAMS table follows
-                hdr["NMAPS"] = (n_total, "maps in the cube [N, C, H, W]")
-                hdr["NCHAN"] = (k.shape[1], "channels per map")
-                tmpfile.unlink(missing_ok=True)
+                hdr = _cube_header(header, k, n_total)
+                tmpfile.unlink(missing_ok=True)  # StreamingHDU creates its file
                 stream = fits.StreamingHDU(tmpfile, hdr)
             if done + k.shape[0] > n_total:
                 raise ValueError(f"{target}: more than n_total={n_total} maps")
@@ -522,23 +545,6 @@ def write_mock_fits(
         P = np.concatenate(pars)
         cols = [fits.Column(name=nm, format="D", array=P[:, j]) for j, nm in enumerate(names)]
         cols.append(fits.Column(name="REALIZATION", format="K", array=np.concatenate(reals)))
-        fits.append(
-            tmpfile,
-            fits.BinTableHDU.from_columns(cols, name="PARAMS").data,
-            fits.BinTableHDU.from_columns(cols, name="PARAMS").header,
-        )
-        _replace_path(tmpfile, target)
-    finally:
-        tmpfile.unlink(missing_ok=True)
+        table = fits.BinTableHDU.from_columns(cols, name="PARAMS")
+        fits.append(tmpfile, table.data, table.header)
     return target
-
-
-def _replace_path(src: Path, dst: Path) -> None:
-    """Move ``src`` (file or folder) to ``dst``, replacing whatever is there."""
-    if dst.is_dir() and not dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

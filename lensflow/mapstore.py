@@ -23,6 +23,9 @@ Writers stream (memory constant in N) into a temporary file beside the target an
 place on success, so an exception or a kill never leaves a half-written store at the target path.
 Readers validate the schema on open and every map on read, and raise :class:`MapStoreError` with
 one line naming the file and the problem.
+
+One file on purpose (about 600 lines): the schema has one owner, and its writer and reader sit side by
+side so that what is written and what is checked on reading cannot drift apart.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,8 @@ import h5py
 import numpy as np
 
 from lensflow import __version__
-from lensflow.provenance import _jsonable
+from lensflow._util.atomic import replace_into_place, temp_beside
+from lensflow._util.plain import to_plain
 
 SCHEMA_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -161,8 +164,6 @@ class MapStoreWriter:
             raise FileExistsError(f"{self.path}: output exists; pass overwrite=true to replace it")
         if self.path.is_dir():
             raise IsADirectoryError(f"{self.path}: output path is a directory")
-        if not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         if compression not in (None, "gzip", "lzf"):
             raise ValueError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
         if int(npix) < 1:
@@ -176,9 +177,7 @@ class MapStoreWriter:
         self._fractions = tuple(fractions)
         self._split_seed = int(split_seed)
         self._n = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temp_beside(self.path)  # mode 0600 until commit gives it the umask's mode
         self._file: h5py.File | None = h5py.File(self._tmp, "w")
         c, n = self.channels, self.npix
         P = len(meta.param_names)
@@ -271,7 +270,7 @@ class MapStoreWriter:
         self._file.attrs["n_maps"] = self._n
         self._file.close()
         self._file = None
-        os.replace(self._tmp, self.path)
+        replace_into_place(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -320,8 +319,8 @@ def _write_root_attrs(f: h5py.File, meta: StoreMeta) -> None:
     f.attrs["pixel_arcmin"] = float(meta.pixel_arcmin)
     f.attrs["source_redshifts"] = np.asarray(meta.source_redshifts, dtype=np.float64)
     f.attrs["periodic"] = bool(meta.periodic)
-    f.attrs["created_by"] = json.dumps(_jsonable(dict(meta.created_by)))
-    f.attrs["extra"] = json.dumps(_jsonable(dict(meta.extra)))
+    f.attrs["created_by"] = json.dumps(to_plain(dict(meta.created_by)))
+    f.attrs["extra"] = json.dumps(to_plain(dict(meta.extra)))
     f.attrs["lensflow_version"] = __version__
 
 

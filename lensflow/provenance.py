@@ -7,15 +7,18 @@ command and configuration that made it.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from lensflow._util.plain import to_plain
+
+__all__ = ["provenance", "versions"]
 
 _PACKAGES = ("lensflow", "torch", "lightning", "numpy", "scipy", "h5py", "healpy", "astropy", "pyccl", "glass")
 
@@ -53,7 +56,7 @@ def provenance(config: Mapping[str, Any] | None = None, command: list[str] | Non
     argv = sys.argv if command is None else command
     rec: dict[str, Any] = {
         "command": shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else "",
-        "config": _jsonable(dict(config)) if config is not None else None,
+        "config": to_plain(dict(config)) if config is not None else None,
         "versions": versions(),
         "host": platform.node(),
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -65,19 +68,5 @@ def provenance(config: Mapping[str, Any] | None = None, command: list[str] | Non
 
 
 def _jsonable(obj: Any) -> Any:
-    """Coerce configs (OmegaConf containers, numpy scalars, paths) to plain JSON types."""
-    return json.loads(json.dumps(obj, default=_default))
-
-
-def _default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    # OmegaConf's DictConfig/ListConfig are Mapping/Sequence, so they convert here without the
-    # ground floor importing omegaconf.
-    if isinstance(obj, (set, tuple, Sequence)) and not isinstance(obj, (str, bytes)):
-        return list(obj)
-    return str(obj)
+    """Old private name of :func:`lensflow._util.plain.to_plain` (kept for one release; use ``to_plain``)."""
+    return to_plain(obj)

@@ -8,107 +8,122 @@ Examples::
     python -m lensflow.simulate sim=lognormal_fullsky sim.nside=1024 n_maps=3000 out=data/fullsky.h5
     python -m lensflow.simulate 'sim.z_source=[0.5,1.0,1.5]' out=data/tomo.h5   # three tomographic channels
 
-Config: ``conf/simulate.yaml`` with the group ``conf/sim/`` (backend, kind, cosmology, sources). In grid mode
-``n_maps`` is per cosmology and ``/params`` holds the grid values under their names. A map depends only on
-the seed, its cosmology's index in the grid and its own index, not on ``batch_size``. Exit status 0 on
-success, 2 with one ``error: ...`` line on stderr for bad input.
+Config: ``conf/simulate.yaml``; its simulation spec is ``conf/sim_spec/default.yaml`` with the group ``conf/sim/``
+(backend, kind, cosmology, sources). In grid mode ``n_maps`` is per cosmology and ``/params`` holds the grid values
+under their names. A map depends only on the seed, its cosmology's index in the grid and its own index, not on
+``batch_size``. Exit status 0 on success, 2 with one ``error: ...`` line on stderr for bad input.
+
+A spec is resolved once per call (:func:`resolve_spec`): a composed config is complete and used as it is; a
+partial mapping from Python (``{"n_maps": 4, "sim": {"cosmology": {"m_nu": 0}}}``) is completed from the composed
+defaults of ``conf/simulate.yaml``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import itertools
-import json
 import math
-import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from lensflow.cli import hydra_cli
+from lensflow import cli
+from lensflow._util.checks import check_bool, check_int
+from lensflow._util.hashing import hash_json
+from lensflow._util.log import get_logger
+from lensflow._util.plain import to_plain
+from lensflow._util.progress import progress
 from lensflow.mapstore import MapStoreError, MapStoreWriter, StoreMeta, open_store
 from lensflow.provenance import provenance
 from lensflow.sims.theory import check_cosmology, hilbert2011_shift, parse_sources, source_labels
 
-#: Keys of a simulation spec (``conf/simulate.yaml`` minus the output and run-time keys); they and only
-#: they determine the maps, and so the cache file name of :func:`ensure_simulated`.
+log = get_logger(__name__)
+
+#: Keys of a simulation spec (``conf/sim_spec/default.yaml``); they and only they determine the maps, and so
+#: the cache file name of :func:`ensure_simulated`. A test keeps these tables equal to the YAML.
 SPEC_KEYS: tuple[str, ...] = ("sim", "n_maps", "npix", "pixel_arcmin", "seed", "grid", "grid_mode", "split")
+#: Run-time keys of ``conf/simulate.yaml``: where the store goes and how it is written, never what it holds.
 RUN_KEYS: tuple[str, ...] = ("out", "overwrite", "batch_size", "compression", "progress")
+#: Keys of a ``sim`` node per backend (``conf/sim/*.yaml``).
+_COMMON = ("backend", "kind", "cosmology", "z_source", "shift", "periodic", "nonlinear")
 SIM_KEYS: dict[str, tuple[str, ...]] = {
-    "flat": ("backend", "kind", "cosmology", "z_source", "shift", "periodic", "pad", "nonlinear"),
-    "fullsky": (
-        "backend",
-        "kind",
-        "cosmology",
-        "z_source",
-        "shift",
-        "periodic",
-        "nonlinear",
-        "nside",
-        "lmax",
-        "shell_dx",
-        "ncorr",
-        "l_limber",
-        "pixwin",
-        "interpolation",
-    ),
+    "flat": (*_COMMON, "pad"),
+    "fullsky": (*_COMMON, "nside", "lmax", "shell_dx", "ncorr", "l_limber", "pixwin", "interpolation"),
 }
+#: How :func:`ensure_simulated` writes a cached store when the spec does not say (a test keeps these equal to
+#: the values of ``conf/simulate.yaml``).
+CACHE_RUN_DEFAULTS: dict[str, Any] = {"batch_size": 256, "compression": None, "progress": True}
 
 
-def _container(node: Any) -> Any:
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    if isinstance(node, Mapping):
-        return {k: _container(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_container(v) for v in node]
-    return node
+# --------------------------------------------------------------------------------------------
+# The spec: resolved once, validated, canonical
+# --------------------------------------------------------------------------------------------
 
 
-def _load_conf(rel: str) -> dict[str, Any]:
-    res = files("lensflow.conf").joinpath(rel)
-    if not res.is_file():
-        raise ValueError(f"no config {rel} in lensflow.conf")
-    cfg = OmegaConf.to_container(OmegaConf.create(res.read_text()), resolve=False)
-    assert isinstance(cfg, dict)
-    cfg.pop("defaults", None)
-    cfg.pop("hydra", None)
-    return cfg
+@functools.lru_cache(maxsize=8)
+def _composed_defaults(sim: str | None) -> dict[str, Any]:
+    """The spec keys of ``conf/simulate.yaml`` composed (with ``sim=<sim>`` if given); plain, copy before changing."""
+    from hydra.errors import HydraException
+
+    try:
+        cfg = cli.compose("simulate", [f"sim={sim}"] if sim is not None else [])
+    except HydraException:
+        names = sorted(
+            p.name[:-5] for p in files("lensflow.conf").joinpath("sim").iterdir() if p.name.endswith(".yaml")
+        )
+        raise ValueError(f"sim: unknown simulation config {sim!r}; available: {names}") from None
+    return {k: v for k, v in to_plain(cfg).items() if k in SPEC_KEYS}
 
 
-def _sim_node(sim: Any) -> dict[str, Any]:
-    """A complete sim node from a config name (``lognormal_flat``) or a (partial) mapping."""
+def _defaults(sim: str | None = None) -> dict[str, Any]:
+    return to_plain(_composed_defaults(sim))  # a fresh copy
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, nested mappings merged key by key (as OmegaConf merges configs)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _complete(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every spec key and a full ``sim`` node: ``spec`` itself when it has them (a composed config), else
+    ``spec`` on top of the composed defaults."""
+    if "sim" not in spec:
+        return _merge(_defaults(), spec)
+    sim = spec["sim"]
     if isinstance(sim, str):
-        try:
-            return _load_conf(f"sim/{sim}.yaml")
-        except ValueError:
-            names = sorted(
-                p.name[:-5] for p in files("lensflow.conf").joinpath("sim").iterdir() if p.name.endswith(".yaml")
-            )
-            raise ValueError(f"sim: unknown simulation config {sim!r}; available: {names}") from None
+        return _merge(_defaults(sim), {**spec, "sim": _defaults(sim)["sim"]})
     if not isinstance(sim, Mapping):
         raise ValueError(f"sim must be a config name or a mapping, got {sim!r}")
-    sim = dict(sim)
-    base = _load_conf("sim/lognormal_fullsky.yaml" if sim.get("backend") == "fullsky" else "sim/lognormal_flat.yaml")
-    merged = _container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(sim)))
-    return merged
+    backend = sim.get("backend")
+    split = spec.get("split")
+    if (
+        all(k in spec for k in SPEC_KEYS)
+        and backend in SIM_KEYS
+        and all(k in sim for k in SIM_KEYS[backend])
+        and isinstance(split, Mapping)
+        and {"fractions", "seed"} <= set(split)
+    ):
+        return spec
+    return _merge(_defaults("lognormal_fullsky" if backend == "fullsky" else "lognormal_flat"), spec)
 
 
 def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """A complete, plain simulation spec (keys :data:`SPEC_KEYS`), defaults from ``conf/simulate.yaml``."""
-    spec = _container(spec)
+    """A complete, plain, validated simulation spec (keys :data:`SPEC_KEYS`) in canonical types."""
+    spec = to_plain(spec)
     if not isinstance(spec, dict):
         raise ValueError(f"simulation spec must be a mapping, got {type(spec).__name__}")
     unknown = sorted(set(spec) - set(SPEC_KEYS) - set(RUN_KEYS))
     if unknown:
         raise ValueError(f"simulation spec has unknown keys {unknown}; allowed are {list(SPEC_KEYS)}")
-    defaults = _load_conf("simulate.yaml")
-    out = {k: spec.get(k, defaults.get(k)) for k in SPEC_KEYS}
-    out["sim"] = _sim_node(spec.get("sim", "lognormal_flat"))
+    full = _complete({k: v for k, v in spec.items() if k in SPEC_KEYS})
+    out = {k: full[k] for k in SPEC_KEYS}
     _validate(out)
     return _normalize(out)
 
@@ -131,16 +146,13 @@ def _normalize(c: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
+def _hash(resolved: Mapping[str, Any]) -> str:
+    return hash_json(resolved, 12)
+
+
 def spec_hash(spec: Mapping[str, Any]) -> str:
     """12-hex SHA-256 of the resolved spec: equal specs (however written) give equal hashes."""
-    blob = json.dumps(resolve_spec(spec), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _positive_int(name: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return int(v)
+    return _hash(resolve_spec(spec))
 
 
 def _validate(c: dict[str, Any]) -> None:
@@ -157,9 +169,9 @@ def _validate(c: dict[str, Any]) -> None:
         raise ValueError(f"sim.kind must be 'gaussian' or 'lognormal', got {sim.get('kind')!r}")
     check_cosmology(sim.get("cosmology") or {})
     parse_sources(sim.get("z_source"))
-    _positive_int("n_maps", c["n_maps"])
-    _positive_int("npix", c["npix"], 2)
-    _positive_int("seed", c["seed"], 0)
+    check_int("n_maps", c["n_maps"])
+    check_int("npix", c["npix"], 2)
+    check_int("seed", c["seed"], 0)
     pix = c["pixel_arcmin"]
     if isinstance(pix, bool) or not isinstance(pix, (int, float)) or not (math.isfinite(pix) and pix > 0):
         raise ValueError(f"pixel_arcmin must be a positive number, got {pix!r}")
@@ -167,8 +179,10 @@ def _validate(c: dict[str, Any]) -> None:
         raise ValueError("sim.periodic must be false for the fullsky backend (patches are not periodic)")
     if c.get("grid_mode") not in ("product", "zip"):
         raise ValueError(f"grid_mode must be 'product' or 'zip', got {c.get('grid_mode')!r}")
-    split = c.get("split") or {}
-    fr = split.get("fractions", (0.8, 0.1, 0.1))
+    split = c.get("split")
+    if not isinstance(split, Mapping) or set(split) != {"fractions", "seed"}:
+        raise ValueError(f"split must be a mapping with the keys fractions and seed, got {split!r}")
+    fr = split["fractions"]
     if not (
         isinstance(fr, (list, tuple))
         and len(fr) == 3
@@ -176,14 +190,13 @@ def _validate(c: dict[str, Any]) -> None:
         and math.isclose(sum(fr), 1.0)
     ):
         raise ValueError(f"split.fractions must be three non-negative numbers summing to 1, got {fr!r}")
-    _positive_int("split.seed", split.get("seed", 0), 0)
-    for _, cosmo in _cosmologies(c):
-        check_cosmology(cosmo)
+    check_int("split.seed", split["seed"], 0)
+    _cosmologies(c)  # checks the grid and every cosmology of it
 
 
 def _cosmologies(c: Mapping[str, Any]) -> list[tuple[tuple[float, ...], dict[str, Any]]]:
-    """(grid values, cosmology) per grid point; one point with no values without a grid."""
-    base = dict(c["sim"]["cosmology"])
+    """(grid values, checked cosmology) per grid point; one point with no values without a grid."""
+    base = check_cosmology(c["sim"]["cosmology"])
     grid = c.get("grid")
     if not grid:
         return [((), base)]
@@ -203,81 +216,64 @@ def _cosmologies(c: Mapping[str, Any]) -> list[tuple[tuple[float, ...], dict[str
         points = list(zip(*values, strict=True))
     else:
         points = list(itertools.product(*values))
-    out = []
-    allowed = sorted(k for k in check_cosmology(base) if k != "transfer_function")
+    allowed = sorted(k for k in base if k != "transfer_function")
     for name in names:
         if name not in allowed:
             raise ValueError(f"grid.{name} is not a cosmology parameter; vary one of {allowed}")
-    for p in points:
-        cosmo = dict(base)
-        cosmo.update(zip(names, p, strict=True))
-        out.append((tuple(p), cosmo))
-    return out
+    return [(tuple(p), check_cosmology({**c["sim"]["cosmology"], **dict(zip(names, p, strict=True))})) for p in points]
 
 
-def _simulator(sim: Mapping[str, Any], cosmo: dict[str, Any], npix: int, pixel_arcmin: float):
-    if sim["backend"] == "flat":
-        from lensflow.sims.flat import FlatSimulator
-
-        return FlatSimulator(
-            npix,
-            pixel_arcmin,
-            cosmo,
-            sim["z_source"],
-            kind=sim["kind"],
-            periodic=bool(sim.get("periodic", False)),
-            shift=sim.get("shift"),
-            pad=sim.get("pad", 2),
-            nonlinear=bool(sim.get("nonlinear", True)),
-        )
-    from lensflow.sims.fullsky import FullSkySimulator
-
-    return FullSkySimulator(
-        int(sim["nside"]),
-        cosmo,
-        sim["z_source"],
-        kind=sim["kind"],
-        lmax=sim.get("lmax"),
-        shell_dx=float(sim.get("shell_dx", 150.0)),
-        shift=sim.get("shift"),
-        ncorr=int(sim.get("ncorr", 3)),
-        l_limber=int(sim.get("l_limber", -1)),
-        pixwin=bool(sim.get("pixwin", False)),
-        nonlinear=bool(sim.get("nonlinear", True)),
-    )
+# --------------------------------------------------------------------------------------------
+# The job: a resolved spec and where and how to write it
+# --------------------------------------------------------------------------------------------
 
 
-def simulate(cfg: DictConfig | Mapping[str, Any]) -> Path:
-    """Simulate maps as configured (``conf/simulate.yaml``) into the store ``cfg.out``; returns its path.
+@dataclass(frozen=True)
+class SimulationJob:
+    """One call of :func:`simulate`, typed once at entry: the resolved spec and the run-time keys."""
 
-    Bad input raises ``ValueError`` before any file is created; an error during the simulation leaves
-    no file at ``out`` (the store is written atomically).
-    """
-    full = _container(cfg)
-    if not isinstance(full, dict):
-        raise ValueError("simulate: config must be a mapping")
-    c = resolve_spec({k: v for k, v in full.items() if k in SPEC_KEYS or k in RUN_KEYS})
-    out = full.get("out")
-    if not out:
-        raise ValueError("out: give the path of the map store to write")
-    out = Path(str(out))
-    overwrite = bool(full.get("overwrite", False))
-    if out.exists() and not overwrite:
-        raise ValueError(f"out: {out} exists; pass overwrite=true to replace it")
-    batch = _positive_int("batch_size", full.get("batch_size", 256) or 256)
-    progress = bool(full.get("progress", True))
+    spec: dict[str, Any]  # resolved (resolve_spec)
+    out: Path
+    overwrite: bool
+    batch_size: int
+    compression: str | None
+    progress: bool
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SimulationJob:
+        """From ``conf/simulate.yaml`` composed (or an equivalent mapping; missing spec keys take the defaults)."""
+        full = to_plain(cfg)
+        if not isinstance(full, dict):
+            raise ValueError("simulate: config must be a mapping")
+        spec = resolve_spec({k: v for k, v in full.items() if k in SPEC_KEYS or k in RUN_KEYS})
+        run = {**CACHE_RUN_DEFAULTS, "overwrite": False, **{k: full[k] for k in RUN_KEYS if k in full}}
+        return cls.checked(spec, run)
+
+    @classmethod
+    def checked(cls, spec: dict[str, Any], run: Mapping[str, Any]) -> SimulationJob:
+        """A job from a resolved spec and the run-time keys (:data:`RUN_KEYS`), checked."""
+        if not run.get("out"):
+            raise ValueError("out: give the path of the map store to write")
+        out = Path(str(run["out"]))
+        overwrite = check_bool("overwrite", run["overwrite"])
+        if out.exists() and not overwrite:
+            raise ValueError(f"out: {out} exists; pass overwrite=true to replace it")
+        batch = check_int("batch_size", run["batch_size"] or CACHE_RUN_DEFAULTS["batch_size"])
+        return cls(spec, out, overwrite, batch, run["compression"], bool(run["progress"]))
+
+
+def _store_meta(job: SimulationJob, points: list[tuple[tuple[float, ...], dict[str, Any]]]) -> StoreMeta:
+    c = job.spec
     sim = c["sim"]
     sources = parse_sources(sim["z_source"])
-    points = _cosmologies(c)
     param_names = tuple(c["grid"]) if c.get("grid") else ()
-    n_maps, npix, pix = int(c["n_maps"]), int(c["npix"]), float(c["pixel_arcmin"])
     backend = sim["backend"]
     extra: dict[str, Any] = {
         "backend": backend,
         "kind": sim["kind"],
         "cosmology": check_cosmology(sim["cosmology"]),
         "z_source": sim["z_source"],
-        "spec_hash": spec_hash(c),
+        "spec_hash": _hash(c),
         "spec": c,
     }
     if param_names:
@@ -292,79 +288,142 @@ def simulate(cfg: DictConfig | Mapping[str, Any]) -> Path:
             )
         else:
             extra["shift"] = 1.0 if sim.get("shift") is None else float(sim["shift"])
-    meta_kw = dict(
-        pixel_arcmin=pix,
+    run = {
+        "out": str(job.out),
+        "overwrite": job.overwrite,
+        "batch_size": job.batch_size,
+        "compression": job.compression,
+        "progress": job.progress,
+    }
+    return StoreMeta(
+        pixel_arcmin=float(c["pixel_arcmin"]),
         source_redshifts=tuple(source_labels(sources)),
-        periodic=bool(sim.get("periodic", False)) and backend == "flat",
+        periodic=bool(sim["periodic"]) and backend == "flat",
         kind="simulation",
         param_names=param_names,
-        created_by=provenance({**c, **{k: full.get(k) for k in RUN_KEYS}}),
+        created_by=provenance({**c, **run}),
+        extra=extra,
     )
-    from tqdm.auto import tqdm
 
-    split = c.get("split") or {}
+
+def _simulator(sim: Mapping[str, Any], cosmo: dict[str, Any], npix: int, pixel_arcmin: float) -> Any:
+    if sim["backend"] == "flat":
+        from lensflow.sims.flat import FlatSimulator
+
+        return FlatSimulator(
+            npix,
+            pixel_arcmin,
+            cosmo,
+            sim["z_source"],
+            kind=sim["kind"],
+            periodic=bool(sim["periodic"]),
+            shift=sim["shift"],
+            pad=sim["pad"],
+            nonlinear=bool(sim["nonlinear"]),
+        )
+    from lensflow.sims.fullsky import FullSkySimulator
+
+    return FullSkySimulator(
+        int(sim["nside"]),
+        cosmo,
+        sim["z_source"],
+        kind=sim["kind"],
+        lmax=sim["lmax"],
+        shell_dx=float(sim["shell_dx"]),
+        shift=sim["shift"],
+        ncorr=int(sim["ncorr"]),
+        l_limber=int(sim["l_limber"]),
+        pixwin=bool(sim["pixwin"]),
+        nonlinear=bool(sim["nonlinear"]),
+    )
+
+
+def _write_point(
+    job: SimulationJob, writer: MapStoreWriter, bar: Any, simulator: Any, stream: Any, params: Any, rid: int
+) -> int:
+    """Every map of one grid point into ``writer``; returns the next realization id."""
+    c = job.spec
+    n_maps, batch = int(c["n_maps"]), job.batch_size
+    if c["sim"]["backend"] == "flat":
+        for lo in range(0, n_maps, batch):
+            b = min(batch, n_maps - lo)
+            maps = simulator.generate(b, seed=stream, start=lo)
+            writer.append(
+                maps, None if params is None else np.repeat(params, b, axis=0), realization=np.arange(rid, rid + b)
+            )
+            rid += b
+            bar.update(b)
+        return rid
+    interpolation = str(c["sim"]["interpolation"])
+    for maps, _r in simulator.patches(
+        n_maps, int(c["npix"]), float(c["pixel_arcmin"]), seed=stream, interpolation=interpolation
+    ):
+        b = maps.shape[0]
+        for lo in range(0, b, batch):
+            part = maps[lo : lo + batch]
+            writer.append(
+                part,
+                None if params is None else np.repeat(params, part.shape[0], axis=0),
+                realization=np.full(part.shape[0], rid),
+            )
+        rid += 1
+        bar.update(b)
+    return rid
+
+
+def simulate(cfg: SimulationJob | Mapping[str, Any]) -> Path:
+    """Simulate maps as configured (``conf/simulate.yaml``) into the store ``cfg.out``; returns its path.
+
+    ``cfg`` is the composed config, a plain mapping of the same keys (missing spec keys take the defaults), or a
+    :class:`SimulationJob`. Bad input raises ``ValueError`` before any file is created; an error during the
+    simulation leaves no file at ``out`` (the store is written atomically).
+    """
+    job = cfg if isinstance(cfg, SimulationJob) else SimulationJob.from_config(cfg)
+    c = job.spec
+    points = _cosmologies(c)
+    meta = _store_meta(job, points)
+    split = c["split"]
+    n_total = int(c["n_maps"]) * len(points)
     with (
         MapStoreWriter(
-            out,
-            StoreMeta(**meta_kw, extra=extra),
-            npix=npix,
-            overwrite=overwrite,
-            compression=full.get("compression"),
-            fractions=tuple(split.get("fractions", (0.8, 0.1, 0.1))),
-            split_seed=int(split.get("seed", 0)),
+            job.out,
+            meta,
+            npix=int(c["npix"]),
+            overwrite=job.overwrite,
+            compression=job.compression,
+            fractions=tuple(split["fractions"]),
+            split_seed=int(split["seed"]),
         ) as writer,
-        tqdm(total=n_maps * len(points), unit="map", disable=not progress, desc="simulate", file=sys.stderr) as bar,
+        progress(n_total, unit="map", desc="simulate", enabled=job.progress) as bar,
     ):
         rid = 0
         for k, (pvals, cosmo) in enumerate(points):
             bar.set_postfix_str(f"cosmology {k + 1}/{len(points)}: spectra")
-            simulator = _simulator(sim, cosmo, npix, pix)
+            simulator = _simulator(c["sim"], cosmo, int(c["npix"]), float(c["pixel_arcmin"]))
             bar.set_postfix_str(f"cosmology {k + 1}/{len(points)}")
-            stream = c["seed"] if not param_names else [int(c["seed"]), k]
-            params = np.asarray(pvals, np.float32)[None] if param_names else None
-            if backend == "flat":
-                for lo in range(0, n_maps, batch):
-                    b = min(batch, n_maps - lo)
-                    maps = simulator.generate(b, seed=stream, start=lo)
-                    writer.append(
-                        maps,
-                        None if params is None else np.repeat(params, b, axis=0),
-                        realization=np.arange(rid, rid + b),
-                    )
-                    rid += b
-                    bar.update(b)
-            else:
-                for maps, _r in simulator.patches(
-                    n_maps, npix, pix, seed=stream, interpolation=str(sim.get("interpolation", "bilinear"))
-                ):
-                    b = maps.shape[0]
-                    for lo in range(0, b, batch):
-                        part = maps[lo : lo + batch]
-                        writer.append(
-                            part,
-                            None if params is None else np.repeat(params, part.shape[0], axis=0),
-                            realization=np.full(part.shape[0], rid),
-                        )
-                    rid += 1
-                    bar.update(b)
-    return out
+            stream = c["seed"] if not meta.param_names else [int(c["seed"]), k]
+            params = np.asarray(pvals, np.float32)[None] if meta.param_names else None
+            rid = _write_point(job, writer, bar, simulator, stream, params, rid)
+    return job.out
 
 
 def ensure_simulated(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
-    """The store ``cache_dir/sim-<hash>.h5`` for ``spec`` (keys of ``conf/simulate.yaml`` minus out/overwrite),
-    simulated (atomically, with a progress bar) only if it is not there yet."""
-    resolved = resolve_spec(spec)
-    run = {k: v for k, v in _container(spec).items() if k in ("batch_size", "progress", "compression")}
-    path = Path(cache_dir) / f"sim-{spec_hash(resolved)}.h5"
+    """The store ``cache_dir/sim-<hash>.h5`` for ``spec`` (the keys of ``conf/sim_spec/default.yaml``, optionally
+    ``batch_size``/``progress``/``compression``), simulated (atomically, with a progress bar) only if it is not
+    there yet. The spec is resolved once."""
+    plain = to_plain(spec)
+    resolved = resolve_spec(plain)
+    path = Path(cache_dir) / f"sim-{_hash(resolved)}.h5"
     if path.exists():
         try:
             open_store(path).close()
             return path
         except MapStoreError:
-            print(f"warning: {path} is not a valid map store; simulating it again", file=sys.stderr)
+            log.warning("warning: %s is not a valid map store; simulating it again", path)
             path.unlink()
+    run = {**CACHE_RUN_DEFAULTS, **{k: plain[k] for k in CACHE_RUN_DEFAULTS if k in plain}}
     try:
-        simulate({**resolved, **run, "out": str(path), "overwrite": False})
+        simulate(SimulationJob.checked(resolved, {**run, "out": str(path), "overwrite": False}))
     except (FileExistsError, ValueError):
         if path.exists():  # another process finished the same simulation first
             return path
@@ -372,9 +431,7 @@ def ensure_simulated(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
     return path
 
 
-main = hydra_cli("simulate", simulate)
-main.__doc__ = "``python -m lensflow.simulate key=value ...``: exit 0 done, 2 bad input (one ``error:`` line)."
-
+main = cli.command("simulate", simulate, render=str)  # prints the store path
 
 if __name__ == "__main__":
     main()

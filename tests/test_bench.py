@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers.config import plain
 
 try:  # the optional [bench] extra
     import normflows  # noqa: F401
@@ -19,12 +20,17 @@ except ImportError:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _suite(name: str, **kw) -> dict:
+    """conf/bench/<name>.yaml as composed (the suites read complete configs), with ``kw`` on top."""
+    return {**plain("bench", f"bench={name}")["bench"], **kw}
+
+
 def test_bench_stats_rows_and_gpu_code_on_cpu():
     from lensflow.bench import stats as bs
 
     cfg = {"n_maps": 12, "npix": 32, "baseline_maps": 4, "check_maps": 3, "repeats": 1, "threads": [1, 2],
            "gpu_maps": 6, "gpu_npix": 32, "gpu_batch": 4}  # fmt: skip
-    rows = bs.run(cfg)  # also checks that the numpy loop and summarize agree on noiseless maps
+    rows = bs.run(_suite("stats", **cfg))  # also checks that the numpy loop and summarize agree on noiseless maps
     assert [(r["variant"], r.get("threads")) for r in rows] == [("numpy loop", 1), ("lensflow", 1), ("lensflow", 2)]
     loop = rows[0]["value"]
     for r in rows:
@@ -32,7 +38,7 @@ def test_bench_stats_rows_and_gpu_code_on_cpu():
         assert math.isclose(r["ratio"], r["value"] / loop)
     with pytest.raises(ValueError, match="unknown keys"):
         bs.run({"n_map": 3})
-    c = {**bs.DEFAULTS, **cfg}
+    c = _suite("stats", **cfg)
     gpu = bs._gpu_rows(c, bs._config(c), np.random.default_rng(0), device="cpu")
     assert [r["variant"] for r in gpu] == ["numpy loop", "lensflow"]
     assert gpu[1]["maps"] == 6 and gpu[1]["value"] > 0
@@ -46,7 +52,7 @@ def test_bench_flow_rows_with_bf16_variant():
     iters = {"warmup": 0, "train": 1, "sample": 1, "bpd_steps": 2, "bpd_batch": 4, "bpd_test": 8}
     cfg = {"image_size": 8, "levels": 2, "steps": 1, "hidden": 8, "batch": 4, "devices": ["cpu"], "bf16": True,
            "iters": {"cpu": iters}}  # fmt: skip
-    rows = bf.run(cfg)
+    rows = bf.run(_suite("flow", **{**cfg, "iters": {**_suite("flow")["iters"], **cfg["iters"]}}))
     got = [(r["benchmark"], r["variant"]) for r in rows]
     assert got == [
         ("flow/train", "lensflow"),
@@ -62,3 +68,40 @@ def test_bench_flow_rows_with_bf16_variant():
     bpd = rows[-1]
     assert bpd["exact"] > 0 and bpd["skipped_steps"] == 0
     assert ("baseline_value" in bpd) == HAVE_NORMFLOWS
+
+
+def test_suite_keys_are_the_yaml_keys_and_complete_configs_are_required():
+    from lensflow.bench import flow as bf
+    from lensflow.bench import stats as bs
+
+    for name, mod in (("stats", bs), ("flow", bf)):
+        assert set(mod.KEYS) | {"suite"} == set(_suite(name)), name
+    with pytest.raises(ValueError, match="missing keys"):
+        bs.run({"n_maps": 3})
+
+
+def test_bench_cli_prints_the_table_and_writes_json(run_command, tmp_path):
+    import json
+
+    from lensflow.bench import main
+
+    out = tmp_path / "rows.json"
+    args = ["stats", "bench.n_maps=4", "bench.npix=16", "bench.baseline_maps=2", "bench.check_maps=2",
+            "bench.repeats=1", "bench.threads=[1]", "bench.ell_nbins=4", f"out={out}"]  # fmt: skip
+    res = run_command(main, *args)
+    assert res.code == 0, res.err
+    assert res.out[0].startswith("# lensflow bench stats on ") and res.out[-1] == f"# rows written to {out}"
+    assert any(line.startswith("benchmark") for line in res.out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["numpy loop", "lensflow"]
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~_umask())
+    code, err = run_command(main, "nosuch")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m

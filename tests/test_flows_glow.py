@@ -8,29 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.fields import lognormal_tensor as _lognormal_maps
+from helpers.flow_checks import gen, randomize
 from scipy import stats
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lensflow.flows import ActNorm, Glow, Preprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@torch.no_grad()
-def _randomize(module: torch.nn.Module, scale: float, seed: int = 1) -> None:
-    """Perturb every parameter: non-zero coupling/prior weights, random LU factors, ActNorms, FiLM, ..."""
-    g = _gen(seed)
-    for p in module.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def _lognormal_maps(n: int, channels: int, size: int, seed: int, dtype=torch.float64) -> torch.Tensor:
-    g = _gen(seed)
-    return (torch.exp(0.4 * torch.randn(n, channels, size, size, generator=g, dtype=dtype)) - 1.0) * 0.03
 
 
 def _train(glow: Glow, x: torch.Tensor, cond: torch.Tensor | None, steps: int, lr: float) -> None:
@@ -51,10 +36,10 @@ def test_logdet_matches_brute_force_jacobian(channels, cond_dim):
     glow = Glow(channels, 8, 2, 2, hidden=8, cond_dim=cond_dim, padding=padding, preprocess=pre, init_seed=0)
     glow = glow.double()
     data = _lognormal_maps(18, channels, 8, seed=channels)
-    cond = torch.randn(18, cond_dim, generator=_gen(7), dtype=torch.float64) if cond_dim else None
+    cond = torch.randn(18, cond_dim, generator=gen(7), dtype=torch.float64) if cond_dim else None
     pre.fit(data[:16])
     glow.initialize(data[:16], None if cond is None else cond[:16])
-    _randomize(glow, 0.2)  # the zero-initialised model would make the test weak
+    randomize(glow, 0.2)  # the zero-initialised model would make the test weak
     x = data[16:]
     zs, logdet = glow(x, None if cond is None else cond[16:])
 
@@ -82,7 +67,7 @@ def test_identity_initialised_glow_is_standard_normal():
     for m in glow.modules():
         if isinstance(m, ActNorm):
             m.initialized.fill_(1)  # keep the identity initialisation (no data-dependent init)
-    x = torch.randn(4, 2, 16, 16, generator=_gen())
+    x = torch.randn(4, 2, 16, 16, generator=gen())
     with torch.no_grad():
         lp = glow.log_prob(x).numpy()
         bpd = glow.bits_per_dim(x).numpy()
@@ -112,7 +97,7 @@ def test_shifted_log_preprocessing_gives_lognormal_density():
 
 # -- inverses --------------------------------------------------------------------------------------------------
 def test_reference_size_round_trip_after_training():
-    g = _gen(0)
+    g = gen(0)
     x = torch.randn(4, 1, 64, 64, generator=g).cumsum(-1).cumsum(-2) * 0.01  # correlated, non-Gaussian scale
     glow = Glow(1, 64, 3, 16, hidden=16, init_seed=0)
     glow.preprocess.fit(x)
@@ -132,7 +117,7 @@ def _cond_model(seed: int) -> tuple[Glow, torch.Tensor, torch.Tensor]:
     pre = Preprocess(2, log_shift=True)
     glow = Glow(2, 16, 2, 2, hidden=16, cond_dim=2, padding="circular", preprocess=pre, init_seed=seed)
     x = _lognormal_maps(8, 2, 16, seed=seed, dtype=torch.float32)
-    cond = torch.randn(8, 2, generator=_gen(seed))
+    cond = torch.randn(8, 2, generator=gen(seed))
     pre.fit(x)
     _train(glow, x, cond, steps=3, lr=1e-2)
     return glow, x, cond
@@ -147,7 +132,7 @@ def test_state_dict_round_trip_is_bit_identical_and_never_reinitialises():
     b.load_state_dict(a.state_dict())
     a.eval()
     b.eval()
-    noise = torch.randn(3, a.num_dims, generator=_gen(9))
+    noise = torch.randn(3, a.num_dims, generator=gen(9))
     with torch.no_grad():
         assert torch.equal(a.log_prob(x, cond), b.log_prob(x, cond))
         assert torch.equal(a.sample(3, cond[:3], noise=noise), b.sample(3, cond[:3], noise=noise))
@@ -175,7 +160,7 @@ def test_ema_copy_follows_weight_updates():
     glow, x, cond = _cond_model(3)
     ema = AveragedModel(glow, multi_avg_fn=get_ema_multi_avg_fn(0.5))
     ema.eval()
-    noise = torch.randn(2, glow.num_dims, generator=_gen(4))
+    noise = torch.randn(2, glow.num_dims, generator=gen(4))
     with torch.no_grad():
         s0 = ema.module.sample(2, cond[:2], noise=noise)  # fills the inverse caches
     _train(glow, x, cond, steps=2, lr=1e-2)
@@ -193,14 +178,14 @@ def test_ema_copy_follows_weight_updates():
 # -- sampling --------------------------------------------------------------------------------------------------
 def test_sample_noise_order_temperature_and_batch_independence():
     glow = Glow(1, 16, 3, 2, hidden=16, cond_dim=2, init_seed=0)
-    x = torch.randn(8, 1, 16, 16, generator=_gen())
-    cond = torch.randn(8, 2, generator=_gen(1))
+    x = torch.randn(8, 1, 16, 16, generator=gen())
+    cond = torch.randn(8, 2, generator=gen(1))
     glow.initialize(x, cond)
-    _randomize(glow, 0.05)  # learned priors now have non-trivial means and scales at every level
+    randomize(glow, 0.05)  # learned priors now have non-trivial means and scales at every level
     glow.eval()
     assert glow.latent_shapes == ((2, 8, 8), (4, 4, 4), (16, 2, 2))
     assert sum(math.prod(s) for s in glow.latent_shapes) == glow.num_dims
-    noise = torch.randn(3, glow.num_dims, generator=_gen(2))
+    noise = torch.randn(3, glow.num_dims, generator=gen(2))
     parts = glow.split_noise(noise)
     assert torch.equal(parts[0], noise[:, :128].view(3, 2, 8, 8))  # finest split first ...
     assert torch.equal(parts[2], noise[:, 192:].view(3, 16, 2, 2))  # ... top last
@@ -213,8 +198,8 @@ def test_sample_noise_order_temperature_and_batch_independence():
         one = glow.sample(1, cond[1:2], temperature=0.6, noise=noise[1:2])
         torch.testing.assert_close(one[0], s[1], rtol=0, atol=1e-5)
         # cond of shape [cond_dim] broadcasts; generator makes draws reproducible
-        a = glow.sample(2, cond[0], generator=_gen(5))
-        b = glow.sample(2, cond[0], generator=_gen(5))
+        a = glow.sample(2, cond[0], generator=gen(5))
+        b = glow.sample(2, cond[0], generator=gen(5))
     assert torch.equal(a, b) and a.shape == (2, 1, 16, 16)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature"):
@@ -265,10 +250,10 @@ def test_forward_rejects_bad_inputs():
 # -- numerics ----------------------------------------------------------------------------------------------------
 def test_ten_sigma_inputs_stay_finite():
     glow = Glow(1, 16, 2, 3, hidden=16, init_seed=0)
-    x = 0.02 * torch.randn(16, 1, 16, 16, generator=_gen())
+    x = 0.02 * torch.randn(16, 1, 16, 16, generator=gen())
     glow.preprocess.fit(x)
     _train(glow, x, None, steps=5, lr=1e-2)
-    sign = torch.where(torch.rand(4, 1, 16, 16, generator=_gen(1)) > 0.5, 1.0, -1.0)
+    sign = torch.where(torch.rand(4, 1, 16, 16, generator=gen(1)) > 0.5, 1.0, -1.0)
     extreme = torch.cat([10 * 0.02 * sign, torch.full((1, 1, 16, 16), -10 * 0.02), 10 * x[:3]])
     lp = glow.log_prob(extreme)
     assert torch.isfinite(lp).all()
@@ -278,16 +263,16 @@ def test_ten_sigma_inputs_stay_finite():
         back = glow.decode(glow.encode(extreme))
         assert torch.isfinite(back).all()
         torch.testing.assert_close(back, extreme, rtol=0, atol=1e-5)
-        assert torch.isfinite(glow.sample(4, temperature=1.0, generator=_gen(2))).all()
+        assert torch.isfinite(glow.sample(4, temperature=1.0, generator=gen(2))).all()
 
 
 def test_bf16_autocast_keeps_logdets_float32():
     glow = Glow(1, 16, 2, 2, hidden=32, cond_dim=2, init_seed=0)
-    x = torch.randn(8, 1, 16, 16, generator=_gen())
-    cond = torch.randn(8, 2, generator=_gen(1))
+    x = torch.randn(8, 1, 16, 16, generator=gen())
+    cond = torch.randn(8, 2, generator=gen(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         glow.initialize(x, cond)  # statistics computed in float64 even here
-    _randomize(glow, 0.02)
+    randomize(glow, 0.02)
     lp32 = glow.log_prob(x, cond)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         zs, logdet = glow(x, cond)
@@ -300,5 +285,5 @@ def test_bf16_autocast_keeps_logdets_float32():
     lp.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in glow.parameters() if p.grad is not None)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        s = glow.sample(3, cond[:3], generator=_gen(3))
+        s = glow.sample(3, cond[:3], generator=gen(3))
     assert s.dtype == torch.float32 and torch.isfinite(s).all()

@@ -8,47 +8,29 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.flow_checks import check_forward_inverse, check_logdet, gen, randomize
 from scipy import stats
 
-from lensflow.flows import ActNorm, AffineCoupling, CouplingNet, FlowStep, InvConv1x1, Preprocess, Split, Squeeze, nets
+from lensflow.flows import (
+    ActNorm,
+    AffineCoupling,
+    CouplingNet,
+    FlowStep,
+    InvConv1x1,
+    Preprocess,
+    Split,
+    Squeeze,
+    _conv,
+    _fused_cpu,
+)
 from lensflow.flows.split import TopPrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@torch.no_grad()
-def _randomize(module: torch.nn.Module, scale: float = 0.3, seed: int = 1) -> None:
-    """Perturb every parameter so no layer sits at its (identity / zero) initialisation."""
-    g = _gen(seed)
-    for p in module.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def _brute_logdet(fn, x: torch.Tensor) -> torch.Tensor:
-    """log|det J| of ``fn(x_i, i)`` at each sample ``x_i`` of x (float64), by autograd on the flattened map."""
-    out = []
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1]
-
-        def flat(v, xi=xi, i=i):
-            return fn(v.view_as(xi), i).reshape(-1)
-
-        jac = torch.autograd.functional.jacobian(flat, xi.reshape(-1), vectorize=True)
-        out.append(torch.linalg.slogdet(jac)[1])
-    return torch.stack(out)
-
-
-def _row(cond: torch.Tensor | None, i: int) -> torch.Tensor | None:
-    return None if cond is None else cond[i : i + 1]
-
-
 # -- ActNorm --------------------------------------------------------------------------------------------------
 def test_actnorm_data_init_standardises_and_is_persistent():
-    x = 3.0 + 0.5 * torch.randn(16, 4, 8, 8, generator=_gen(), dtype=torch.float64)
+    x = 3.0 + 0.5 * torch.randn(16, 4, 8, 8, generator=gen(), dtype=torch.float64)
     x[:, 1] *= 7.0
     an = ActNorm(4).double()
     assert not an.is_initialized
@@ -68,12 +50,11 @@ def test_actnorm_data_init_standardises_and_is_persistent():
 
 
 def test_actnorm_round_trip_and_logdet():
-    x = torch.randn(3, 3, 4, 4, generator=_gen(), dtype=torch.float64)
+    x = torch.randn(3, 3, 4, 4, generator=gen(), dtype=torch.float64)
     an = ActNorm(3).double()
     an.initialize(2.0 * x + 1.0)
-    y, ld = an(x)
-    torch.testing.assert_close(an.inverse(y), x, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: an(v)[0], x), rtol=0, atol=1e-9)
+    _, ld = check_forward_inverse(an, x, atol=1e-12)
+    check_logdet(an, x, None, ld, atol=1e-9)
     assert ld.shape == (3,)
 
 
@@ -100,15 +81,14 @@ def test_invconv_starts_orthogonal_with_lu_structure():
 def test_invconv_round_trip_logdet_and_inverse_accuracy():
     torch.manual_seed(0)
     ic = InvConv1x1(4).double()
-    _randomize(ic, 0.5)
-    x = torch.randn(2, 4, 3, 3, generator=_gen(), dtype=torch.float64)
-    y, ld = ic(x)
+    randomize(ic, 0.5)
+    x = torch.randn(2, 4, 3, 3, generator=gen(), dtype=torch.float64)
+    _, ld = check_forward_inverse(ic, x, atol=1e-12)
     w = ic.weight()
     # independent references: slogdet of the assembled matrix, and the brute-force Jacobian
     assert abs(float(torch.linalg.slogdet(w.detach())[1]) * 9 - float(ld[0].detach())) < 1e-10
-    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: ic(v)[0], x), rtol=0, atol=1e-9)
+    check_logdet(ic, x, None, ld, atol=1e-9)
     torch.testing.assert_close(ic.inverse_weight(), torch.linalg.inv(w), rtol=0, atol=1e-12)
-    torch.testing.assert_close(ic.inverse(y), x, rtol=0, atol=1e-12)
 
 
 def test_invconv_eval_cache_is_invalidated_by_weight_updates():
@@ -146,23 +126,22 @@ def test_invconv_eval_cache_is_invalidated_by_weight_updates():
 def test_coupling_identity_init_round_trip_and_logdet(cond_dim, padding):
     torch.manual_seed(0)
     cp = AffineCoupling(5, hidden=8, cond_dim=cond_dim, padding=padding).double()
-    x = torch.randn(2, 5, 4, 4, generator=_gen(), dtype=torch.float64)
-    cond = torch.randn(2, cond_dim, generator=_gen(2), dtype=torch.float64) if cond_dim else None
+    x = torch.randn(2, 5, 4, 4, generator=gen(), dtype=torch.float64)
+    cond = torch.randn(2, cond_dim, generator=gen(2), dtype=torch.float64) if cond_dim else None
     y, ld = cp(x, cond)
     assert torch.equal(y, x) and torch.equal(ld, torch.zeros(2, dtype=torch.float64))  # zero-init last conv
-    _randomize(cp, 0.3)
-    y, ld = cp(x, cond)
+    randomize(cp, 0.3)
+    (y,), ld = check_forward_inverse(cp, x, cond, atol=1e-12)
     assert float((y - x).detach().abs().max()) > 0.1 and float(ld.detach().abs().min()) > 0.1  # non-trivial
-    torch.testing.assert_close(cp.inverse(y, cond), x, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: cp(v, _row(cond, i))[0], x), rtol=0, atol=1e-9)
+    check_logdet(cp, x, cond, ld, atol=1e-9)
 
 
 def test_coupling_scale_is_bounded():
     torch.manual_seed(0)
     cp = AffineCoupling(4, hidden=8, scale_bound=1.5)
-    x = 10.0 * torch.randn(8, 4, 4, 4, generator=_gen())
+    x = 10.0 * torch.randn(8, 4, 4, 4, generator=gen())
     cp(x)  # data-dependent init of the hidden ActNorms
-    _randomize(cp, 0.5)
+    randomize(cp, 0.5)
     with torch.no_grad():
         cp.net.out.logs.fill_(3.0)  # output gain e^9: raw log-scales in the thousands
         _, log_s = cp._shift_logscale(x[:, :2], None)
@@ -198,16 +177,16 @@ def _net_grads(net, x, cond, gy):
 def test_coupling_net_fused_backward_matches_autograd(padding, cond_dim, dtype, monkeypatch):
     """The hand-written GEMM backward (workspace, in-place ReLU masks, 9-tap 3x3 convolutions) gives
     autograd's gradients for the input, cond and every parameter, on a non-square map with odd sizes."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)  # fused even for this tiny net
+    monkeypatch.setattr(_fused_cpu, "FUSED_MIN_MACS", 0)  # fused even for this tiny net
     torch.manual_seed(0)
     net = CouplingNet(3, 4, 16, cond_dim=cond_dim, padding=padding).to(dtype)
-    _randomize(net, 0.3)
-    x = torch.randn(2, 3, 5, 7, generator=_gen(), dtype=dtype, requires_grad=True)
-    cond = torch.randn(2, cond_dim, generator=_gen(2), dtype=dtype, requires_grad=True) if cond_dim else None
-    gy = torch.randn(2, 4, 5, 7, generator=_gen(3), dtype=dtype)
+    randomize(net, 0.3)
+    x = torch.randn(2, 3, 5, 7, generator=gen(), dtype=dtype, requires_grad=True)
+    cond = torch.randn(2, cond_dim, generator=gen(2), dtype=dtype, requires_grad=True) if cond_dim else None
+    gy = torch.randn(2, 4, 5, 7, generator=gen(3), dtype=dtype)
     y1, g1 = _net_grads(net, x, cond, gy)
     assert type(y1.grad_fn).__name__ == "_CouplingNetFnBackward"
-    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
+    monkeypatch.setattr(_fused_cpu, "use_fused", lambda *a: False)
     y0, g0 = _net_grads(net, x, cond, gy)
     assert type(y0.grad_fn).__name__ != "_CouplingNetFnBackward"
     tol = {"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
@@ -222,9 +201,9 @@ def test_coupling_net_fused_gradcheck(padding):
     """Finite differences (an independent reference) check the fused backward, FiLM included."""
     torch.manual_seed(0)
     net = CouplingNet(2, 2, 6, cond_dim=2, padding=padding).double()
-    _randomize(net, 0.5)
-    x = torch.randn(2, 2, 3, 4, generator=_gen(), dtype=torch.float64, requires_grad=True)
-    cond = torch.randn(2, 2, generator=_gen(2), dtype=torch.float64, requires_grad=True)
+    randomize(net, 0.5)
+    x = torch.randn(2, 2, 3, 4, generator=gen(), dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(2, 2, generator=gen(2), dtype=torch.float64, requires_grad=True)
     g = (net.out.logs * net.out.logscale_factor).exp()
     w3 = (net.out.weight * g.view(-1, 1, 1, 1)).detach().requires_grad_()
     b3 = (net.out.bias * g).detach().requires_grad_()
@@ -232,7 +211,7 @@ def test_coupling_net_fused_gradcheck(padding):
 
     def f(x, w1, b1, w2, b2, w3, b3, cond):
         gamma, beta = net.film(cond).chunk(2, dim=1)
-        return nets._CouplingNetFn.apply(
+        return _fused_cpu._CouplingNetFn.apply(
             x.contiguous(memory_format=torch.channels_last), w1, b1, w2, b2, w3, b3, gamma, beta, padding
         )
 
@@ -242,19 +221,19 @@ def test_coupling_net_fused_gradcheck(padding):
 def test_coupling_net_fused_under_vmap(monkeypatch):
     """jacobian(vectorize=True) vmaps the backward: the fused Function then falls back to plain ops (out= ops have
     no batching rule) and gives the same Jacobian as the non-vectorized loop and as the unfused network."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)
+    monkeypatch.setattr(_fused_cpu, "FUSED_MIN_MACS", 0)
     torch.manual_seed(0)
     net = CouplingNet(2, 2, 6, cond_dim=2, padding="circular").double()
-    _randomize(net, 0.5)
-    x = torch.randn(1, 2, 3, 4, generator=_gen(), dtype=torch.float64)
-    cond = torch.randn(1, 2, generator=_gen(2), dtype=torch.float64)
+    randomize(net, 0.5)
+    x = torch.randn(1, 2, 3, 4, generator=gen(), dtype=torch.float64)
+    cond = torch.randn(1, 2, generator=gen(2), dtype=torch.float64)
 
     def f(v):
         return net(v.view_as(x), cond).reshape(-1)
 
     jv = torch.autograd.functional.jacobian(f, x.reshape(-1), vectorize=True)
     jl = torch.autograd.functional.jacobian(f, x.reshape(-1))
-    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
+    monkeypatch.setattr(_fused_cpu, "use_fused", lambda *a: False)
     jp = torch.autograd.functional.jacobian(f, x.reshape(-1))
     assert float(jp.abs().max()) > 0.1
     torch.testing.assert_close(jv, jp, rtol=1e-12, atol=1e-12)
@@ -264,13 +243,13 @@ def test_coupling_net_fused_under_vmap(monkeypatch):
 def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
     """no_grad (oneDNN conv + fused ReLU) and grad (custom Function) give the same output; consecutive
     backward passes of different sizes share one per-thread workspace without corrupting each other."""
-    monkeypatch.setattr(nets, "_FUSED_MIN_MACS", 0)
+    monkeypatch.setattr(_fused_cpu, "FUSED_MIN_MACS", 0)
     torch.manual_seed(0)
     big, small = CouplingNet(2, 4, 32), CouplingNet(4, 8, 32)
-    _randomize(big, 0.3)
-    _randomize(small, 0.3)
-    xb = torch.randn(4, 2, 16, 16, generator=_gen())
-    xs = torch.randn(4, 4, 8, 8, generator=_gen(1))
+    randomize(big, 0.3)
+    randomize(small, 0.3)
+    xb = torch.randn(4, 2, 16, 16, generator=gen())
+    xs = torch.randn(4, 4, 8, 8, generator=gen(1))
     with torch.no_grad():
         yb = big(xb)
     torch.testing.assert_close(big(xb), yb, rtol=1e-5, atol=1e-6)
@@ -280,15 +259,15 @@ def test_coupling_net_paths_agree_and_workspace_is_reused(monkeypatch):
     g_fused = [p.grad.clone() for p in (*big.parameters(), *small.parameters())]
     for p in (*big.parameters(), *small.parameters()):
         p.grad = None
-    monkeypatch.setattr(nets, "_use_fused", lambda *a: False)
+    monkeypatch.setattr(_fused_cpu, "use_fused", lambda *a: False)
     (big(xb).square().sum() + small(xs).square().sum()).backward()
     for a, p in zip(g_fused, (*big.parameters(), *small.parameters()), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-11, atol=1e-11)
 
 
 def test_circular_pad_keeps_channels_last():
-    x = torch.randn(2, 3, 5, 6, generator=_gen()).contiguous(memory_format=torch.channels_last)
-    p = nets._circular_pad(x, 1)
+    x = torch.randn(2, 3, 5, 6, generator=gen()).contiguous(memory_format=torch.channels_last)
+    p = _conv.circular_pad(x, 1)
     assert p.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(p, torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular"), rtol=0, atol=0)
 
@@ -312,27 +291,24 @@ def test_squeeze_layout_and_round_trip():
 def test_split_round_trip_and_logdet(cond_dim):
     torch.manual_seed(0)
     sp = Split(6, cond_dim=cond_dim).double()
-    x = torch.randn(2, 6, 4, 4, generator=_gen(), dtype=torch.float64)
-    cond = torch.randn(2, cond_dim, generator=_gen(3), dtype=torch.float64) if cond_dim else None
+    x = torch.randn(2, 6, 4, 4, generator=gen(), dtype=torch.float64)
+    cond = torch.randn(2, cond_dim, generator=gen(3), dtype=torch.float64) if cond_dim else None
     h, z, ld = sp(x, cond)
     assert torch.equal(h, x[:, :3]) and torch.equal(z, x[:, 3:]) and torch.equal(ld, torch.zeros(2).double())
-    _randomize(sp, 0.3)
-    h, z, ld = sp(x, cond)
-    torch.testing.assert_close(sp.inverse(h, z, cond), x, rtol=0, atol=1e-12)
-    brute = _brute_logdet(lambda v, i: torch.cat([t.flatten(1) for t in sp(v, _row(cond, i))[:2]], 1), x)
-    torch.testing.assert_close(ld, brute, rtol=0, atol=1e-9)
+    randomize(sp, 0.3)
+    _, ld = check_forward_inverse(sp, x, cond, atol=1e-12)
+    check_logdet(sp, x, cond, ld, atol=1e-9)
     assert float(ld.detach().abs().min()) > 0.1
 
 
 def test_top_prior_round_trip_and_logdet():
     torch.manual_seed(0)
     tp = TopPrior(4, cond_dim=2).double()
-    _randomize(tp, 0.5)
-    x = torch.randn(3, 4, 2, 2, generator=_gen(), dtype=torch.float64)
-    cond = torch.randn(3, 2, generator=_gen(5), dtype=torch.float64)
-    z, ld = tp(x, cond)
-    torch.testing.assert_close(tp.inverse(z, cond), x, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: tp(v, _row(cond, i))[0], x), rtol=0, atol=1e-9)
+    randomize(tp, 0.5)
+    x = torch.randn(3, 4, 2, 2, generator=gen(), dtype=torch.float64)
+    cond = torch.randn(3, 2, generator=gen(5), dtype=torch.float64)
+    _, ld = check_forward_inverse(tp, x, cond, atol=1e-12)
+    check_logdet(tp, x, cond, ld, atol=1e-9)
     fixed = TopPrior(4, learn=False)
     assert fixed.trivial and len(list(fixed.parameters())) == 0
 
@@ -340,19 +316,18 @@ def test_top_prior_round_trip_and_logdet():
 def test_flowstep_round_trip_and_logdet():
     torch.manual_seed(0)
     st = FlowStep(4, hidden=8, cond_dim=2, padding="circular").double()
-    x = torch.randn(2, 4, 4, 4, generator=_gen(), dtype=torch.float64)
-    cond = torch.randn(2, 2, generator=_gen(4), dtype=torch.float64)
+    x = torch.randn(2, 4, 4, 4, generator=gen(), dtype=torch.float64)
+    cond = torch.randn(2, 2, generator=gen(4), dtype=torch.float64)
     st(x, cond)  # data-dependent init
-    _randomize(st, 0.3)
-    y, ld = st(x, cond)
-    torch.testing.assert_close(st.inverse(y, cond), x, rtol=0, atol=1e-11)
-    torch.testing.assert_close(ld, _brute_logdet(lambda v, i: st(v, _row(cond, i))[0], x), rtol=0, atol=1e-9)
+    randomize(st, 0.3)
+    _, ld = check_forward_inverse(st, x, cond, atol=1e-11)
+    check_logdet(st, x, cond, ld, atol=1e-9)
 
 
 # -- Preprocess -----------------------------------------------------------------------------------------------
 def test_preprocess_default_is_identity():
     pre = Preprocess(2)
-    x = torch.randn(3, 2, 4, 4, generator=_gen())
+    x = torch.randn(3, 2, 4, 4, generator=gen())
     y, ld = pre(x)
     assert torch.equal(y, x) and torch.equal(ld, torch.zeros(3))
     assert not pre.is_fitted

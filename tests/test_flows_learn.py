@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+from helpers.fields import periodic_grf
 
 from lensflow.flows import Glow, Preprocess
 
@@ -18,12 +19,6 @@ def _spectrum() -> np.ndarray:
     k = np.hypot(*np.meshgrid(np.fft.fftfreq(N) * N, np.fft.fftfreq(N) * N, indexing="ij"))
     p = (1.0 + (k / 2.0) ** 2) ** -1.5
     return p * (1e-4 / p.mean())  # pixel variance 1e-4: κ-like amplitude, std 0.01
-
-
-def _grf(n: int, p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Periodic GRF: x = U^H sqrt(P) U w with U the unitary DFT, so Cov(x) = U^H diag(P) U."""
-    w = rng.standard_normal((n, N, N))
-    return np.fft.ifft2(np.sqrt(p) * np.fft.fft2(w)).real
 
 
 def _exact_log_prob(x: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -39,7 +34,7 @@ def test_exact_reference_agrees_with_dense_gaussian():
     idx = np.arange(N * N)
     basis = np.eye(N * N).reshape(N * N, N, N)
     cov = np.fft.ifft2(p * np.fft.fft2(basis)).real.reshape(N * N, N * N)  # C e_j columns
-    x = _grf(3, p, np.random.default_rng(0)).reshape(3, -1)
+    x = periodic_grf(3, np.sqrt(p), np.random.default_rng(0)).reshape(3, -1)
     sign, logdet = np.linalg.slogdet(cov)
     dense = (
         -0.5 * np.einsum("bi,ij,bj->b", x, np.linalg.inv(cov), x)
@@ -58,9 +53,9 @@ def test_glow_learns_gaussian_random_field_to_exact_likelihood():
         rng = np.random.default_rng(0)
 
         def batch(n: int) -> torch.Tensor:
-            return torch.tensor(_grf(n, p, rng), dtype=torch.float32)[:, None]
+            return torch.tensor(periodic_grf(n, np.sqrt(p), rng), dtype=torch.float32)[:, None]
 
-        held_out = _grf(512, p, rng)
+        held_out = periodic_grf(512, np.sqrt(p), rng)
         exact_bpd = float(-_exact_log_prob(held_out, p).mean() / (N * N * math.log(2)))
         x_test = torch.tensor(held_out, dtype=torch.float32)[:, None]
 

@@ -11,12 +11,13 @@ import healpy as hp
 import numpy as np
 import pytest
 from astropy.wcs import WCS
+from helpers.cosmology import PLANCK18_MASSLESS
 from scipy.stats import skew
 
 from lensflow.sims.fullsky import FullSkySimulator, cut_patches, patch_centers, patch_directions
-from lensflow.sims.theory import PLANCK18, convergence_cl
+from lensflow.sims.theory import convergence_cl
 
-COSMO = {**PLANCK18, "m_nu": 0.0}
+COSMO = PLANCK18_MASSLESS
 N, PIX = 32, 20.0  # 10.7 deg patches: a few hundred on the sphere
 
 

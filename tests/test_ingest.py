@@ -14,6 +14,7 @@ import healpy as hp
 import numpy as np
 import pytest
 from astropy.io import fits
+from helpers.config import compose
 
 from lensflow.fitsio import FitsMapError, fits_header, read_fits, write_fits_map, write_fits_maps, write_mock_fits
 from lensflow.ingest import IngestError, expand_inputs, ingest
@@ -23,28 +24,8 @@ RNG = np.random.default_rng(0)
 
 
 def _cfg(**kw):
-    base = {
-        "format": "auto",
-        "overwrite": False,
-        "pixel_arcmin": None,
-        "z_source": None,
-        "params": None,
-        "kind": "simulation",
-        "healpix": {
-            "npix": 16,
-            "field": 0,
-            "nest": False,
-            "interpolation": "bilinear",
-            "max_patches": None,
-            "lon_offset_deg": 0.0,
-        },
-        "npy": {"key": None},
-        "split": {"fractions": [0.8, 0.1, 0.1], "seed": 0},
-        "compression": None,
-        "progress": False,
-    }
-    base.update(kw)
-    return base
+    """conf/ingest.yaml composed as the CLI builds it, with small patches and no progress bar."""
+    return compose("ingest", "healpix.npix=16", "progress=false", **kw)
 
 
 def _columbia(path, kappa, angle_deg, **keys):
@@ -282,3 +263,23 @@ def test_cli_reports_one_line_errors(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert open_store(tmp_path / "s.h5").n == 1
+
+
+def test_fits_outputs_respect_the_umask(tmp_path):
+    """Mode 0644 files (and a 0755 folder) under umask 022: collaborators can read them."""
+    import os
+
+    meta = StoreMeta(pixel_arcmin=2.0, source_redshifts=(1.0,), kind="mock")
+    batches = [(np.zeros((2, 1, 8, 8), np.float32), None, None)]
+    old = os.umask(0o022)
+    try:
+        one = write_fits_map(tmp_path / "one.fits", np.zeros((8, 8)), 1.0)
+        cube = write_mock_fits(tmp_path / "cube.fits", batches, meta, layout="cube", n_total=2)
+        folder = write_mock_fits(tmp_path / "maps", batches, meta, layout="files")
+        many = write_fits_maps(tmp_path / "many", np.zeros((2, 8, 8)), 1.0)
+        store = ingest(_cfg(input=str(cube), out=str(tmp_path / "s.h5")))
+    finally:
+        os.umask(old)
+    for p in (one, cube, *folder.iterdir(), *many, store):
+        assert (p.stat().st_mode & 0o777) == 0o644, p
+    assert (folder.stat().st_mode & 0o777) == 0o755

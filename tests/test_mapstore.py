@@ -224,3 +224,22 @@ def test_writer_rejects_wrong_shapes(tmp_path, meta, maps):
     assert open_store(tmp_path / "w.h5").split.tolist() == [0, 2]
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert os.listdir(tmp_path) == ["w.h5"]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_stores_respect_the_umask(tmp_path, umask_022):
+    """Collaborators can read what lensflow writes: mode 0644 under umask 022 (not mkstemp's 0600)."""
+    meta = StoreMeta(pixel_arcmin=1.0, source_redshifts=(1.0,))
+    p = write_store(tmp_path / "s.h5", np.zeros((2, 1, 4, 4), np.float32), meta)
+    assert (p.stat().st_mode & 0o777) == 0o644
+    q = concat_stores([p, p], tmp_path / "c.h5")
+    assert (q.stat().st_mode & 0o777) == 0o644
+    os.umask(0o077)
+    r = write_store(tmp_path / "private.h5", np.zeros((2, 1, 4, 4), np.float32), meta)
+    assert (r.stat().st_mode & 0o777) == 0o600

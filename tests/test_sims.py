@@ -8,19 +8,18 @@ crop of a periodic field, computed from the theory C_ℓ through the correlation
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
+from helpers.cosmology import PLANCK18_MASSLESS
 from scipy.stats import skew
 
 from lensflow.sims.flat import FlatSimulator, simulate_maps
 from lensflow.sims.theory import PLANCK18, ccl_cosmology, convergence_cl, hilbert2011_shift, parse_sources
+from lensflow.stats import ARCMIN
 
 # Planck 2018 without the massive neutrino: CAMB runs 5x faster, and nothing here depends on it.
-COSMO = {**PLANCK18, "m_nu": 0.0}
+COSMO = PLANCK18_MASSLESS
 NPIX, PIX = 128, 1.64
-ARCMIN = math.pi / 180 / 60
 N_MAPS = 500
 
 
@@ -308,3 +307,17 @@ def test_custom_spectrum_on_an_odd_periodic_grid():
     assert np.all(np.abs(pull) < 3), np.round(pull, 2)
     ell_pos = ell[ell > 0]
     assert np.mean(maps**2) == pytest.approx(power_law(ell_pos).sum() / (n * d) ** 2, rel=0.03)
+
+
+def test_the_config_cosmology_is_the_library_default():
+    """conf/cosmology/planck18.yaml (the one Planck block of the configs) equals sims.theory.PLANCK18, and
+    every simulator config takes it."""
+    from helpers.config import plain
+
+    from lensflow.simulate import SIM_KEYS
+
+    assert plain("simulate")["sim"]["cosmology"] == PLANCK18
+    for name in ("gaussian_flat", "lognormal_flat", "lognormal_fullsky"):
+        sim = plain("simulate", f"sim={name}")["sim"]
+        assert sim["cosmology"] == PLANCK18, name
+        assert set(sim) == set(SIM_KEYS[sim["backend"]]), name

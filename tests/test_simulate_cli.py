@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
+from helpers.config import compose, plain
 
 import lensflow.simulate as simmod
 from lensflow.mapstore import open_store
@@ -19,8 +19,7 @@ FAST = ["sim.cosmology.m_nu=0", "progress=false"]  # no massive-neutrino CAMB ru
 
 
 def _compose(overrides):
-    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-        return compose(config_name="simulate", overrides=overrides)
+    return compose("simulate", *overrides)
 
 
 def test_compose_and_simulate_lognormal(tmp_path):
@@ -180,3 +179,66 @@ def test_cli(tmp_path):
         [*cmd[:-3], "sim=nosuch", f"out={tmp_path / 'd.h5'}"], capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 2 and not (tmp_path / "d.h5").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# One resolution per call, composed configs used as they are, hashes that never move
+# --------------------------------------------------------------------------------------------
+
+#: sim-<hash>.h5 names of the README's configs as main computed them before the restructure: the cache
+#: a user already has must still be found.
+KNOWN_HASHES = {
+    (): "144c54dedc37",  # python -m lensflow.train (data.simulate)
+    ("+experiment=kappa",): "cb14293796c6",
+    ("+experiment=kappa_cond",): "dd031d4f32e4",
+    ("+experiment=kappa_quick",): "f185898f62e5",
+}
+
+
+@pytest.mark.parametrize("overrides", sorted(KNOWN_HASHES))
+def test_spec_hashes_of_the_experiments_are_unchanged(overrides):
+    assert spec_hash(compose("train", *overrides).data.simulate) == KNOWN_HASHES[overrides]
+
+
+def test_simulate_defaults_hash_and_partial_specs():
+    c = plain("simulate")
+    assert spec_hash({k: c[k] for k in simmod.SPEC_KEYS}) == "209b3fbc23ce"
+    partial = {"n_maps": 400, "npix": 32, "pixel_arcmin": 3.28, "sim": {"cosmology": {"m_nu": 0.0}}, "progress": False}
+    assert spec_hash(partial) == "24baa838e921"
+
+
+def test_ensure_simulated_resolves_once_and_reads_no_yaml_for_a_composed_spec(tmp_path, monkeypatch):
+    spec = plain("train", "data.simulate.n_maps=3", "data.simulate.npix=16", "data.simulate.sim.cosmology.m_nu=0")
+    calls = []
+    real = simmod.resolve_spec
+    monkeypatch.setattr(simmod, "resolve_spec", lambda s: calls.append(1) or real(s))
+
+    def no_yaml(*a):
+        raise AssertionError("a composed spec is complete: no defaults may be loaded")
+
+    monkeypatch.setattr(simmod, "_composed_defaults", no_yaml)
+    path = ensure_simulated({**spec["data"]["simulate"], "progress": False}, tmp_path)
+    assert open_store(path).n == 3 and len(calls) == 1
+
+
+def test_python_tables_match_the_yaml():
+    """The spec keys, the sim keys and the cache's run-time defaults are the YAML's (no drift)."""
+    c = plain("simulate")
+    assert set(simmod.SPEC_KEYS) | set(simmod.RUN_KEYS) == set(c)
+    assert {k: c[k] for k in simmod.CACHE_RUN_DEFAULTS} == simmod.CACHE_RUN_DEFAULTS
+    assert set(plain("train").get("data")["simulate"]) == set(simmod.SPEC_KEYS)
+    assert c["split"] == plain("ingest")["split"] == {"fractions": [0.8, 0.1, 0.1], "seed": 0}
+    from lensflow.mapstore import DEFAULT_FRACTIONS
+
+    assert tuple(c["split"]["fractions"]) == DEFAULT_FRACTIONS
+
+
+def test_store_is_readable_by_the_group_under_umask_022(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = simulate(_compose(["n_maps=2", "npix=16", f"out={tmp_path / 'u.h5'}", *FAST]))
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o644

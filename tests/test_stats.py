@@ -6,6 +6,7 @@ live in test_stats_theory.py.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -13,25 +14,13 @@ import pytest
 import scipy.ndimage as ndi
 import scipy.stats as sps
 import torch
+from helpers.fields import skewed_maps
+from helpers.stats import kappa_config
 
 import lensflow.stats as S
-
-ARCMIN = math.pi / (180 * 60)
-
+from lensflow.stats import ARCMIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def _smooth_field(n: int, npix: int, sigma_pix: float, seed: int = 0) -> np.ndarray:
-    """Non-periodic test maps: white noise through scipy's Gaussian filter, plus a skew."""
-    w = _rng(seed).standard_normal((n, npix, npix))
-    g = np.stack([ndi.gaussian_filter(m, sigma_pix, mode="reflect") for m in w])
-    g /= g.std()
-    return 0.01 * (g + 0.3 * g**2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,7 +95,7 @@ def _full_plane_cl(m: np.ndarray, pix: float, edges: np.ndarray) -> tuple[np.nda
 @pytest.mark.parametrize("npix", [16, 15])
 def test_power_spectrum_matches_full_plane_numpy(npix):
     pix = 0.7
-    maps = _rng(1).standard_normal((3, npix, npix))
+    maps = np.random.default_rng(1).standard_normal((3, npix, npix))
     edges = np.array([0.0, 3000.0, 7000.0, 12000.0, 30000.0])
     ell, cl = S.power_spectrum(maps, pix, edges)
     ell_ref, cl_ref = _full_plane_cl(maps, pix, edges)
@@ -132,13 +121,13 @@ def test_shape_noise_power_is_sigma_e2_over_n_gal():
 
 def test_power_spectrum_scales_as_amplitude_squared_and_cross_spectra():
     pix = 1.0
-    x = _smooth_field(4, 64, 2.0)
+    x = skewed_maps((4, 64, 64), 2.0, 0, periodic=False)
     edges = S.default_ell_edges(64, pix, 8)
     _, c1 = S.power_spectrum(x, pix, edges)
     _, c3 = S.power_spectrum(3.0 * x, pix, edges)
     np.testing.assert_allclose(c3, 9.0 * c1, rtol=1e-12)
     # channels: (x, -2x, independent y): cross spectra follow bilinearity, auto ones the plain function
-    y = _smooth_field(4, 64, 2.0, seed=5)
+    y = skewed_maps((4, 64, 64), 2.0, 5, periodic=False)
     stack = np.stack([x, -2.0 * x, y], axis=1)
     _, cross = S.power_spectrum(stack, pix, edges, cross=True)
     _, auto = S.power_spectrum(stack, pix, edges)
@@ -176,7 +165,7 @@ def test_default_ell_edges():
 @pytest.mark.parametrize("sigma_pix", [0.6, 1.0, 2.5, 7.0])
 def test_smooth_matches_scipy_gaussian_filter(periodic, sigma_pix):
     pix = 0.5
-    maps = _rng(2).standard_normal((3, 48, 48))
+    maps = np.random.default_rng(2).standard_normal((3, 48, 48))
     out = S.smooth(maps, pix, sigma_pix * pix, periodic=periodic)
     mode = "wrap" if periodic else "constant"
     ref = np.stack([ndi.gaussian_filter(m, sigma_pix, mode=mode, truncate=4.0) for m in maps])
@@ -187,7 +176,7 @@ def test_smooth_matches_scipy_gaussian_filter(periodic, sigma_pix):
 
 
 def test_smooth_zero_sigma_is_identity_and_weights_are_scipys():
-    m = _rng(3).standard_normal((20, 20))
+    m = np.random.default_rng(3).standard_normal((20, 20))
     np.testing.assert_array_equal(S.smooth(m, 1.0, 0.0), m)
     w = S.gaussian_weights(2.0)
     assert w.size == 17 and w.sum() == pytest.approx(1.0)
@@ -236,7 +225,7 @@ def test_shape_noise_generators():
 @pytest.mark.parametrize("periodic", [False, True])
 @pytest.mark.parametrize("border", [0, 2])
 def test_extrema_match_brute_force_with_ties(periodic, border):
-    rng = _rng(5)
+    rng = np.random.default_rng(5)
     maps = np.concatenate([rng.standard_normal((2, 13, 13)), rng.integers(0, 4, (2, 13, 13)).astype(float)])
     edges = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
     pk = S.peak_counts(maps, edges, periodic=periodic, border=border)
@@ -260,7 +249,7 @@ def test_one_bump_one_peak_and_plateaus_do_not_count():
 
 
 def test_pixel_pdf_and_moments_match_numpy_scipy():
-    maps = _smooth_field(3, 40, 1.5)
+    maps = skewed_maps((3, 40, 40), 1.5, 0, periodic=False)
     edges = np.linspace(-0.02, 0.03, 11)
     pdf = S.pixel_pdf(maps, edges)
     for i, m in enumerate(maps):
@@ -282,7 +271,7 @@ def test_histogram_edge_semantics_follow_numpy():
         got = S.pixel_pdf(v, edges) * v.size * np.diff(edges)
         np.testing.assert_allclose(got, np.histogram(v, edges)[0], rtol=1e-12)
     # enough values for the arithmetic (uniform-edge) path, many of them exactly on edges
-    big = np.round(_rng(6).uniform(-0.2, 1.2, (4, 64, 64)) * 20) / 20
+    big = np.round(np.random.default_rng(6).uniform(-0.2, 1.2, (4, 64, 64)) * 20) / 20
     edges = np.linspace(0.0, 1.0, 21)
     got = S.pixel_pdf(big, edges) * 64 * 64 * np.diff(edges)
     for i in range(4):
@@ -295,7 +284,7 @@ def test_histogram_edge_semantics_follow_numpy():
 
 def test_minkowski_matches_brute_force_loops():
     pix = 0.7
-    maps = _smooth_field(2, 14, 1.2, seed=7)
+    maps = skewed_maps((2, 14, 14), 1.2, 7, periodic=False)
     t = np.linspace(-0.012, 0.02, 9)
     v0, v1, v2 = S.minkowski(maps, t, pix)
     for i, m in enumerate(maps):
@@ -350,7 +339,7 @@ def _all_stats(maps, pix=1.0, periodic=False):
 
 @pytest.mark.parametrize("periodic", [False, True])
 def test_invariant_under_rotations_and_flips(periodic):
-    maps = _smooth_field(3, 48, 1.5, seed=8)
+    maps = skewed_maps((3, 48, 48), 1.5, 8, periodic=False)
     ref = _all_stats(maps, periodic=periodic)
     for op in (
         lambda m: np.rot90(m, 1, axes=(-2, -1)),
@@ -366,7 +355,7 @@ def test_invariant_under_rotations_and_flips(periodic):
 
 
 def test_batched_equals_per_map_loop_and_channels():
-    maps = _smooth_field(4, 32, 1.2, seed=9).reshape(2, 2, 32, 32)
+    maps = skewed_maps((4, 32, 32), 1.2, 9, periodic=False).reshape(2, 2, 32, 32)
     batched = _all_stats(maps)
     for k, v in batched.items():
         assert v.shape[:2] == (2, 2), k
@@ -377,7 +366,7 @@ def test_batched_equals_per_map_loop_and_channels():
 
 
 def test_torch_in_torch_out_numpy_in_numpy_out():
-    m = _smooth_field(2, 32, 1.2)
+    m = skewed_maps((2, 32, 32), 1.2, 0, periodic=False)
     t = torch.from_numpy(m)
     e = np.linspace(-0.02, 0.04, 7)
     for fn in (
@@ -463,23 +452,11 @@ def test_bad_arguments_raise_naming_them(call, name):
 # summarize
 
 
-def _cfg(**kw) -> S.SummaryConfig:
-    base = dict(
-        pixel_arcmin=1.0,
-        smoothing_arcmin=(1.0, 2.5),
-        ell_nbins=8,
-        bin_units="kappa",
-        peak_edges=tuple(np.linspace(-0.01, 0.05, 7)),
-        minima_edges=tuple(np.linspace(-0.05, 0.01, 7)),
-        pdf_edges=tuple(np.linspace(-0.03, 0.05, 9)),
-        minkowski_thresholds=tuple(np.linspace(-0.02, 0.04, 7)),
-    )
-    base.update(kw)
-    return S.SummaryConfig(**base)
+_cfg = functools.partial(kappa_config, pixel_arcmin=1.0, smoothing_arcmin=(1.0, 2.5), n_edges=(7, 7, 9, 7))
 
 
 def test_summarize_equals_the_individual_functions():
-    maps = _smooth_field(5, 48, 1.5, seed=10)
+    maps = skewed_maps((5, 48, 48), 1.5, 10, periodic=False)
     cfg = _cfg(border_arcmin=2.5)
     out = S.summarize(maps, cfg)
     bins = S.summary_bins(cfg, 48)
@@ -506,7 +483,7 @@ def test_summarize_equals_the_individual_functions():
 
 
 def test_summarize_noise_is_reproducible_and_independent_of_chunking():
-    maps = _smooth_field(6, 32, 1.2, seed=11)
+    maps = skewed_maps((6, 32, 32), 1.2, 11, periodic=False)
     cfg = _cfg(sigma_e=0.26, n_gal=30.0, bin_units="nu", peak_edges=tuple(np.linspace(-2, 5, 8)),
                minima_edges=tuple(np.linspace(-5, 2, 8)), pdf_edges=tuple(np.linspace(-4, 5, 10)),
                minkowski_thresholds=tuple(np.linspace(-2, 3, 11)))  # fmt: skip
@@ -528,7 +505,7 @@ def test_summarize_noise_is_reproducible_and_independent_of_chunking():
 
 
 def test_summarize_multichannel_layout():
-    maps = _smooth_field(6, 32, 1.2, seed=12).reshape(3, 2, 32, 32)
+    maps = skewed_maps((6, 32, 32), 1.2, 12, periodic=False).reshape(3, 2, 32, 32)
     cfg = _cfg()
     out = S.summarize(maps, cfg)
     bins = S.summary_bins(cfg, 32, nchannels=2)
@@ -544,8 +521,8 @@ def test_summarize_multichannel_layout():
 
 
 def test_reference_sigma_gives_both_sets_the_same_kappa_edges():
-    sims = _smooth_field(6, 32, 1.2, seed=13)
-    mocks = 1.3 * _smooth_field(6, 32, 1.2, seed=14)
+    sims = skewed_maps((6, 32, 32), 1.2, 13, periodic=False)
+    mocks = 1.3 * skewed_maps((6, 32, 32), 1.2, 14, periodic=False)
     cfg = S.SummaryConfig(pixel_arcmin=1.0, smoothing_arcmin=(0.0, 2.0), ell_nbins=6)
     fixed = S.with_reference_sigma(sims, cfg)
     for i, s in enumerate((0.0, 2.0)):
@@ -570,12 +547,12 @@ def test_config_round_trip_and_from_dict():
         _cfg(peak_edges=[[0.0, 1.0]])
     with pytest.raises(ValueError, match="^config.statistics"):
         _cfg(statistics=("peaks", "bispectrum"))
-    only = S.summarize(_smooth_field(2, 32, 1.2), _cfg(statistics=("peaks",)))
+    only = S.summarize(skewed_maps((2, 32, 32), 1.2, 0, periodic=False), _cfg(statistics=("peaks",)))
     assert sorted(only) == ["peaks@1.0arcmin", "peaks@2.5arcmin"]
 
 
 def test_inputs_are_not_modified():
-    m = torch.from_numpy(_smooth_field(3, 32, 1.2))
+    m = torch.from_numpy(skewed_maps((3, 32, 32), 1.2, 0, periodic=False))
     before = m.clone()
     S.summarize(m, _cfg(sigma_e=0.3, noise_seed=0, periodic=True))
     S.summarize(m, _cfg())
@@ -585,11 +562,11 @@ def test_inputs_are_not_modified():
 
 def test_float32_internals_agree_with_float64():
     # GPUs compute in float32: run the same internal kernels in float32 on the CPU against float64
-    from lensflow.stats._array import Bins
-    from lensflow.stats.minkowski import MinkowskiBins, minkowski_tensor
+    from lensflow.stats._bins import Bins, MinkowskiBins
+    from lensflow.stats.minkowski import minkowski_tensor
     from lensflow.stats.peaks import extrema_counts
 
-    x64 = torch.from_numpy(_smooth_field(4, 64, 2.0, seed=16))
+    x64 = torch.from_numpy(skewed_maps((4, 64, 64), 2.0, 16, periodic=False))
     x32 = x64.float()
     e = np.linspace(-0.02, 0.04, 13)
     cpu = torch.device("cpu")
@@ -616,7 +593,7 @@ def test_float32_internals_agree_with_float64():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_and_cuda_agree():
-    maps = torch.from_numpy(_smooth_field(8, 64, 1.5, seed=15))
+    maps = torch.from_numpy(skewed_maps((8, 64, 64), 1.5, 15, periodic=False))
     cfg = _cfg()
     cpu = S.summarize(maps, cfg)
     gpu64 = S.summarize(maps.cuda(), cfg)

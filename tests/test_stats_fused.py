@@ -3,10 +3,13 @@ tested against brute-force loops and Gaussian theory in test_stats*.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 import torch
+from helpers.fields import skewed_maps  # skewed, correlated κ-like maps [..., H, W]
+from helpers.stats import kappa_config
 
 import lensflow.stats as S
 from lensflow.stats import _fused
@@ -14,28 +17,7 @@ from lensflow.stats import _fused
 pytestmark = pytest.mark.skipif(not _fused.AVAILABLE, reason="numba is not importable")
 
 
-def _maps(shape: tuple[int, ...], seed: int, sigma_pix: float = 1.0) -> np.ndarray:
-    """Skewed, correlated κ-like maps of the given shape [..., H, W]."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal(shape)
-    g = ndi.gaussian_filter(w, [0] * (len(shape) - 2) + [sigma_pix, sigma_pix], mode="wrap")
-    g /= g.std()
-    return 0.01 * (g + 0.3 * g**2)
-
-
-def _cfg(**kw) -> S.SummaryConfig:
-    base = dict(
-        pixel_arcmin=1.5,
-        smoothing_arcmin=(0.0, 1.5, 4.0),
-        ell_nbins=8,
-        bin_units="kappa",
-        peak_edges=tuple(np.linspace(-0.01, 0.05, 9)),
-        minima_edges=tuple(np.linspace(-0.05, 0.01, 9)),
-        pdf_edges=tuple(np.linspace(-0.03, 0.05, 11)),
-        minkowski_thresholds=tuple(np.linspace(-0.02, 0.04, 13)),
-    )
-    base.update(kw)
-    return S.SummaryConfig(**base)
+_cfg = functools.partial(kappa_config, pixel_arcmin=1.5, smoothing_arcmin=(0.0, 1.5, 4.0), n_edges=(9, 9, 11, 13))
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -69,13 +51,13 @@ def _assert_same(a: dict, b: dict) -> None:
     ],
 )
 def test_fused_equals_torch(shape, kw):
-    maps = _maps(shape, seed=len(shape) * 7 + shape[-1])
+    maps = skewed_maps(shape, 1.0, len(shape) * 7 + shape[-1], periodic=True)
     cfg = _cfg(**kw)
     _assert_same(S.summarize(maps, cfg, backend="fused"), S.summarize(maps, cfg, backend="torch"))
 
 
 def test_fused_equals_torch_with_noise_and_nu_bins():
-    maps = _maps((7, 40, 40), seed=3)
+    maps = skewed_maps((7, 40, 40), 1.0, 3, periodic=True)
     cfg = _cfg(sigma_e=0.26, n_gal=30.0, noise_seed=9, bin_units="nu",
                peak_edges=tuple(np.linspace(-2, 5, 8)), minima_edges=tuple(np.linspace(-5, 2, 8)),
                pdf_edges=tuple(np.linspace(-4, 5, 10)), minkowski_thresholds=tuple(np.linspace(-2, 3, 11)))  # fmt: skip
@@ -89,14 +71,14 @@ def test_fused_equals_torch_with_noise_and_nu_bins():
 
 
 def test_fused_results_do_not_depend_on_threads_or_blocks(monkeypatch):
-    maps = torch.from_numpy(_maps((23, 32, 32), seed=5))
+    maps = torch.from_numpy(skewed_maps((23, 32, 32), 1.0, 5, periodic=True))
     cfg = _cfg(sigma_e=0.3, noise_seed=2, bin_units="kappa")
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = S.summarize(maps, cfg, backend="fused")
         torch.set_num_threads(2)
-        monkeypatch.setattr(S.summary, "_FUSED_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3 maps
+        monkeypatch.setattr(S._summary_fused, "FUSED_BLOCK_PIXELS", 3 * 32 * 32)  # blocks of 3 maps
         two = S.summarize(maps, cfg, backend="fused")
     finally:
         torch.set_num_threads(old)
@@ -106,7 +88,7 @@ def test_fused_results_do_not_depend_on_threads_or_blocks(monkeypatch):
 
 
 def test_float32_tensor_in_float32_out():
-    maps = torch.from_numpy(_maps((4, 32, 32), seed=6)).float()
+    maps = torch.from_numpy(skewed_maps((4, 32, 32), 1.0, 6, periodic=True)).float()
     cfg = _cfg()
     out = S.summarize(maps, cfg)
     assert all(v.dtype == torch.float32 for v in out.values())
@@ -116,7 +98,7 @@ def test_float32_tensor_in_float32_out():
 
 
 def test_backend_argument():
-    maps = _maps((2, 16, 16), seed=1)
+    maps = skewed_maps((2, 16, 16), 1.0, 1, periodic=True)
     with pytest.raises(ValueError, match="backend"):
         S.summarize(maps, _cfg(), backend="numba!")
     # a kernel as wide as the map: 'fused' refuses, 'auto' falls back to torch

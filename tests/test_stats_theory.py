@@ -1,7 +1,7 @@
 """lensflow.stats on Gaussian random fields against published theory.
 
-The fields are synthesized here, independently of the library, by filtering white noise in Fourier
-space (periodic maps), so their power spectrum, and with it σ0, σ1, σ2, is known:
+The fields are synthesized by ``helpers.fields``, independently of the library, by filtering white noise
+in Fourier space (periodic maps), so their power spectrum, and with it σ0, σ1, σ2, is known:
 σ_i² = (1/A) Σ_modes ℓ^(2i) C(ℓ) over the discrete modes of the map.  The theory curves use the σ_i
 *measured* on the very maps, exactly, from their Fourier modes (no finite differences): that removes
 the sample variance of a few maps' variance (a 1 % error on σ0 is a 4 % error on V0 at ν = 2), while
@@ -15,39 +15,20 @@ import math
 
 import numpy as np
 import pytest
+from helpers.fields import cl_grf, ell_modes
 from scipy.integrate import quad
 from scipy.special import erfc
 from scipy.stats import norm
 
 import lensflow.stats as S
-
-ARCMIN = math.pi / (180 * 60)
-
+from lensflow.stats import ARCMIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _modes(npix: int, pix_arcmin: float) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ (rad⁻¹) of the rfft2 modes and their multiplicity in the full Fourier plane."""
-    d = pix_arcmin * ARCMIN
-    ell = 2 * np.pi * np.hypot(np.fft.fftfreq(npix, d)[:, None], np.fft.rfftfreq(npix, d)[None, :])
-    mult = np.full(npix // 2 + 1, 2.0)
-    mult[0] = mult[-1] = 1.0  # npix even
-    return ell, np.broadcast_to(mult, ell.shape)
-
-
-def _grf(n: int, npix: int, pix_arcmin: float, cl, rng: np.random.Generator) -> np.ndarray:
-    """Periodic Gaussian maps whose modes have <A_pix² |FFT|² / A> = cl(ℓ) (ℓ in rad⁻¹, C_ℓ in sr)."""
-    ell, _ = _modes(npix, pix_arcmin)
-    a_pix = (pix_arcmin * ARCMIN) ** 2
-    amp = np.sqrt(cl(ell) / a_pix)
-    white = rng.standard_normal((n, npix, npix))
-    return np.fft.irfft2(np.fft.rfft2(white) * amp, s=(npix, npix))
-
-
 def _sigmas(npix: int, pix_arcmin: float, power: np.ndarray) -> tuple[float, float, float]:
     """σ0, σ1 (per arcmin), σ2 (per arcmin²) of a periodic field with per-mode power (sr) on rfft2 modes."""
-    ell, mult = _modes(npix, pix_arcmin)
+    ell, mult = ell_modes(npix, pix_arcmin)
     area = (npix * pix_arcmin * ARCMIN) ** 2
     s = [math.sqrt((mult * ell ** (2 * i) * power).sum() / area) for i in range(3)]
     return s[0], s[1] * ARCMIN, s[2] * ARCMIN**2
@@ -78,7 +59,7 @@ def _lensing_like(ell: np.ndarray, smooth_arcmin: float | None = None) -> np.nda
 def test_power_spectrum_recovers_the_input_within_gaussian_errors():
     npix, pix, nmaps = 128, 1.0, 200
     cl_in = lambda ell: _lensing_like(ell) * (1 + (ell / 4000.0) ** 2) ** -1  # noqa: E731
-    maps = _grf(nmaps, npix, pix, cl_in, np.random.default_rng(0))
+    maps = cl_grf(nmaps, npix, pix, cl_in, np.random.default_rng(0))
     edges = S.default_ell_edges(npix, pix)
     ell, cl = S.power_spectrum(maps, pix, edges)
     _, n_modes = S.ell_modes(npix, pix, edges)
@@ -184,9 +165,9 @@ def test_lensing_like_peaks_minima_and_pdf_follow_gaussian_theory():
     """A red, lensing-like spectrum C_ℓ ∝ ℓ^-1 through a Gaussian window of 3 pixels (γ ≈ 0.58)."""
     npix, pix, smooth_arcmin, nmaps = 512, 1.0, 3.0, 160
     cl = lambda ell: _lensing_like(ell, smooth_arcmin)  # noqa: E731
-    ell, _ = _modes(npix, pix)
+    ell, _ = ell_modes(npix, pix)
     rng = np.random.default_rng(3)
-    kappa = np.concatenate([_grf(16, npix, pix, cl, rng) for _ in range(nmaps // 16)])
+    kappa = np.concatenate([cl_grf(16, npix, pix, cl, rng) for _ in range(nmaps // 16)])
     _check_gaussian_extrema_and_pdf(kappa, pix, _sigmas(npix, pix, cl(ell)))
 
 
@@ -203,10 +184,10 @@ def test_minkowski_functionals_follow_tomita():
     """
     npix, pix, smooth_arcmin, nmaps = 512, 0.5, 2.0, 32
     cl = lambda ell: _lensing_like(ell, smooth_arcmin)  # noqa: E731
-    ell, _ = _modes(npix, pix)
+    ell, _ = ell_modes(npix, pix)
     expected_sigmas = _sigmas(npix, pix, cl(ell))
     thresholds = np.linspace(-2.0, 2.0, 21)
-    maps = _grf(nmaps, npix, pix, cl, np.random.default_rng(2))
+    maps = cl_grf(nmaps, npix, pix, cl, np.random.default_rng(2))
     measured = _measured_sigmas(maps, pix)
     np.testing.assert_allclose(measured[:2], expected_sigmas[:2], rtol=0.03)
     s0, s1, _ = measured

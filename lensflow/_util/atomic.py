@@ -11,19 +11,38 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "default_mode", "replace_into_place", "write_json", "write_text"]
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "default_dir_mode",
+    "default_mode",
+    "replace_into_place",
+    "temp_beside",
+    "write_json",
+    "write_text",
+]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def default_mode() -> int:
     """The mode a newly created regular file gets under the current umask (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode a newly created folder gets under the current umask (0777 & ~umask)."""
+    return 0o777 & ~_umask()
 
 
 def replace_into_place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -42,6 +61,23 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str 
         suffix: suffix of the temporary name (some writers pick the format from it, e.g. ``.fits``).
     """
     path = Path(path)
+    tmp = temp_beside(path, overwrite=overwrite, suffix=suffix)
+    try:
+        yield tmp
+        replace_into_place(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def temp_beside(path: str | os.PathLike, *, overwrite: bool = True, suffix: str = ".tmp") -> Path:
+    """A new empty temporary file beside ``path`` (its folder is created), for writers that manage their own
+    lifetime (:class:`lensflow.mapstore.MapStoreWriter`); finish with :func:`replace_into_place`.
+
+    Raises ``FileExistsError`` when ``path`` exists and ``overwrite`` is false, ``IsADirectoryError`` when it
+    is a folder.
+    """
+    path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists; pass overwrite=true to replace it")
     if path.is_dir():
@@ -49,12 +85,31 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (a folder or file), on
+    error it is removed. The folder gets the mode a plain ``mkdir`` would (0777 & ~umask), not mkdtemp's 0700.
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{path}: exists; pass overwrite=true to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield Path(tmp)
-        replace_into_place(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield tmp
+        os.chmod(tmp, default_dir_mode())
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -2,23 +2,30 @@
 
 Each suite ``NAME`` is a module ``lensflow.bench.NAME`` with ``run(cfg: dict) -> list[dict]``;
 its defaults live in ``conf/bench/NAME.yaml``. Every row names the variant, the baseline it is
-compared with, the value with its unit, and the ratio lensflow / baseline.
+compared with, the value with its unit, and the ratio lensflow / baseline. The console table is built
+here (:func:`format_table`, :func:`render`) until ``lensflow.report.text`` takes the renderers.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lensflow.cli import hydra_cli
+from lensflow import cli
+from lensflow._util.atomic import write_json
+from lensflow._util.log import get_logger
+from lensflow._util.plain import to_plain
 from lensflow.provenance import provenance
+
+log = get_logger(__name__)
 
 _COLUMNS = ("benchmark", "device", "variant", "baseline", "value", "unit", "ratio")
 
@@ -60,35 +67,63 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def bench(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run the suite named by ``cfg.bench.suite`` and print its rows with the machine description."""
-    suite_cfg = OmegaConf.to_container(cfg.bench, resolve=True)
-    assert isinstance(suite_cfg, dict)
+def suite_config(cfg: Mapping[str, Any], keys: tuple[str, ...], suite: str) -> dict[str, Any]:
+    """A suite's config as a plain dict (``suite`` dropped): exactly the keys of ``conf/bench/<suite>.yaml``."""
+    c = {k: v for k, v in to_plain(cfg).items() if k != "suite"}
+    unknown = sorted(set(c) - set(keys))
+    if unknown:
+        raise ValueError(f"bench {suite}: unknown keys {unknown}")
+    missing = sorted(set(keys) - set(c))
+    if missing:
+        raise ValueError(f"bench {suite}: missing keys {missing} (conf/bench/{suite}.yaml has them all)")
+    return c
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What one ``bench`` run measured: the suite, the machine, the rows, and where the rows were saved."""
+
+    suite: str
+    machine: dict[str, Any]
+    rows: list[dict[str, Any]]
+    out: Path | None = None
+
+
+def bench(cfg: DictConfig | Mapping[str, Any]) -> BenchResult:
+    """Run the suite named by ``cfg.bench.suite``; with ``cfg.out`` also save the rows as JSON."""
+    c = to_plain(cfg)
+    suite_cfg = dict(c["bench"])
     suite = str(suite_cfg.pop("suite"))
     try:
         module = importlib.import_module(f"lensflow.bench.{suite}")
     except ModuleNotFoundError as e:
         raise ValueError(f"bench: unknown suite {suite!r}") from e
     mach = machine()
-    print(
-        f"# lensflow bench {suite} on {mach['cpu']} ({mach['cores']} cores, torch {mach['torch']}, "
-        f"{mach['torch_threads']} threads)" + (f", GPU {mach['gpu']}" if mach["gpu"] else ""),
-        flush=True,
-    )
+    log.info("lensflow bench %s: running", suite)
     rows = module.run(suite_cfg)
-    print(format_table(rows), flush=True)
-    if cfg.get("out"):
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps({"suite": suite, "machine": mach, "rows": rows, "provenance": provenance(suite_cfg)}, indent=2)
+    out = None
+    if c.get("out"):
+        out = write_json(
+            c["out"],
+            to_plain(
+                {"suite": suite, "machine": mach, "rows": rows, "provenance": provenance(suite_cfg)}, nan_to_none=True
+            ),
+            indent=2,
         )
-        print(f"# rows written to {out}")
-    return rows
+    return BenchResult(suite, mach, rows, out)
 
 
-def _print_only(cfg: DictConfig) -> None:
-    bench(cfg)  # prints its own table
+def render(result: BenchResult) -> str:
+    """The console text of a bench run: the machine line, the table, and where the rows went."""
+    m = result.machine
+    head = (
+        f"# lensflow bench {result.suite} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
+        f"{m['torch_threads']} threads)" + (f", GPU {m['gpu']}" if m["gpu"] else "")
+    )
+    lines = [head, format_table(result.rows)]
+    if result.out is not None:
+        lines.append(f"# rows written to {result.out}")
+    return "\n".join(lines)
 
 
-main = hydra_cli("bench", _print_only)
+main = cli.command("bench", bench, render=render, first_word="bench")

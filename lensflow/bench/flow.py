@@ -19,7 +19,6 @@ normflows is the optional ``[bench]`` extra: without it the rows say so and carr
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,28 +26,17 @@ from typing import Any
 
 import torch
 
+from lensflow._util.log import get_logger
+from lensflow.bench import suite_config
 from lensflow.flows import Glow, Preprocess
 
-_DEFAULTS: dict[str, Any] = {
-    "channels": 1,
-    "image_size": 64,
-    "levels": 3,
-    "steps": 16,
-    "hidden": 256,
-    "batch": 32,
-    "devices": ["cpu", "cuda"],
-    "iters": {
-        "cpu": {"warmup": 1, "train": 3, "sample": 2, "bpd_steps": 20, "bpd_batch": 8, "bpd_test": 32},
-        "cuda": {"warmup": 3, "train": 20, "sample": 10, "bpd_steps": 1000, "bpd_batch": 32, "bpd_test": 512},
-    },
-    "lr": 1e-3,
-    "warmup_steps": 10,
-    "padding": "zero",
-    "spectrum_k0": 4.0,
-    "threads": None,
-    "bf16": "auto",
-    "seed": 0,
-}
+log = get_logger(__name__)
+
+#: The keys of ``conf/bench/flow.yaml`` (where their defaults and meanings are); :func:`run` needs them all.
+KEYS: tuple[str, ...] = (
+    "channels", "image_size", "levels", "steps", "hidden", "batch", "devices", "iters", "lr", "warmup_steps",
+    "padding", "spectrum_k0", "threads", "bf16", "seed",
+)  # fmt: skip
 _MISSING = "normflows Glow (NOT INSTALLED: pip install 'lensflow[bench]')"
 
 
@@ -174,12 +162,11 @@ def _build(cfg: Mapping[str, Any], device: torch.device, seed: int, with_baselin
 
 # -- suite ---------------------------------------------------------------------------------------------------------
 def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows for train and sampling throughput and bits/dim after equal steps (see the module docstring)."""
-    cfg = {**_DEFAULTS, **dict(cfg)}
-    iters_cfg = {
-        d: {**_DEFAULTS["iters"].get(d, {}), **dict((cfg.get("iters") or {}).get(d, {}))} for d in ("cpu", "cuda")
-    }
-    if cfg.get("threads"):
+    """Rows for train and sampling throughput and bits/dim after equal steps (see the module docstring);
+    ``cfg``: the keys of ``conf/bench/flow.yaml``."""
+    cfg = suite_config(cfg, KEYS, "flow")
+    iters_cfg = cfg["iters"]
+    if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     try:
         import normflows  # noqa: F401
@@ -187,11 +174,8 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         have_baseline = True
     except ImportError:
         have_baseline = False
-        print(
-            "# normflows is not installed (optional extra: pip install 'lensflow[bench]'): "
-            "lensflow rows only, no ratios",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            "normflows is not installed (optional extra: pip install 'lensflow[bench]'): lensflow rows only, no ratios"
         )
     bf16 = cfg["bf16"]
     if bf16 not in ("auto", True, False):

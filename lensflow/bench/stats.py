@@ -11,35 +11,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
 
+from lensflow._util.units import ARCMIN
+from lensflow.bench import suite_config
 from lensflow.stats import SummaryConfig, default_ell_edges, kappa_edges, summarize
 from lensflow.stats.noise import pixel_noise_sigma
 
-ARCMIN = math.pi / (180.0 * 60.0)
-
-DEFAULTS: dict[str, Any] = {
-    "n_maps": 1000,  # maps in each timed lensflow summary (CPU)
-    "npix": 128,
-    "pixel_arcmin": 1.0,
-    "smoothing_arcmin": [1.0, 2.0],
-    "ell_nbins": 20,
-    "minkowski_nbins": 20,
-    "sigma_e": 0.26,
-    "n_gal": 30.0,
-    "baseline_maps": 200,  # maps timed in the numpy loop (its rate is per map, so fewer suffice)
-    "check_maps": 8,  # maps on which both implementations must agree before timing
-    "repeats": 3,  # timings are the best of this many runs, baseline and lensflow interleaved
-    "threads": [1, None],  # torch CPU threads per lensflow row; None = torch's default
-    "gpu_maps": 10000,  # maps in the timed GPU summary (when CUDA is present)
-    "gpu_npix": 256,
-    "gpu_batch": 2500,  # maps per summarize call on the GPU
-    "seed": 0,
-}
+#: The keys of ``conf/bench/stats.yaml`` (where their defaults and meanings are); :func:`run` needs them all.
+KEYS: tuple[str, ...] = (
+    "n_maps", "npix", "pixel_arcmin", "smoothing_arcmin", "ell_nbins", "minkowski_nbins", "sigma_e", "n_gal",
+    "baseline_maps", "check_maps", "repeats", "threads", "gpu_maps", "gpu_npix", "gpu_batch", "seed",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,8 +165,9 @@ def _timed(fn, *args) -> tuple[float, float, Any]:
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Time :func:`summarize` on CPU (and CUDA when present) against the numpy loop; see DEFAULTS.
+def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Time :func:`summarize` on CPU (and CUDA when present) against the numpy loop; ``cfg``: the keys of
+    ``conf/bench/stats.yaml``.
 
     The numpy loop is single-threaded; one lensflow row is reported per entry of ``threads``, so the
     single-thread row compares like with like and the others show what threads add.  ``value`` and
@@ -186,10 +175,7 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     process CPU time, the steadier figure on a shared machine (summed over threads, so the
     all-thread rows show total work, not latency).
     """
-    c = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "suite"}}
-    unknown = sorted(set(c) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"bench stats: unknown keys {unknown}")
+    c = suite_config(cfg, KEYS, "stats")
     threads = c["threads"] if isinstance(c["threads"], (list, tuple)) else [c["threads"]]
     default_threads = torch.get_num_threads()
     threads = list(dict.fromkeys(default_threads if t is None else int(t) for t in threads))

@@ -9,6 +9,9 @@ They are serial and release the GIL (``nogil``); :mod:`lensflow.stats.summary` r
 maps from a pool of threads, so the numpy noise draws and FFTs of the same blocks run in parallel too.
 The torch path stays the reference: tests require both to agree to round-off, and it serves GPUs.
 Definitions (bins, regions, finite differences) are documented on the torch functions.
+
+About 500 lines and one very long kernel (:func:`scale_stats`) on purpose: numba compiles each kernel into one
+loop nest, and splitting it would lose the single pass over memory that is the reason for this module.
 """
 
 from __future__ import annotations
@@ -173,6 +176,13 @@ def scale_stats(
     PDF and moments all pixels outside ``border``.  Each row is done in two sweeps: a branch-free one
     (neighbour extremes, derivatives) that the compiler vectorizes, then the binning, which adds runs of
     pixels falling in the same slot in registers (neighbouring pixels of a smooth map mostly do).
+
+    One long function on purpose: numba compiles it into one loop nest whose buffers stay in registers and
+    cache, which a split into called kernels would lose. Sections, in order: set-up (scratch rows, bin specs);
+    per map: smoothing (two column passes, giving the transposed map) and the padded copy with its ring; per
+    stencil row: neighbour extremes -> peaks/minima (compaction, then binning), derivatives -> Minkowski slots
+    (two alternating tables); the Minkowski tables summed into the outputs; per region row: PDF and moment
+    sums; the PDF counts and moments stored.
     """
     n, h, wd = x.shape
     smooth = w.size > 1

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._array import ArrayLike, Bins, border_pixels, chunks, crop, edges_array, finish, positive, prepare_maps
+from ._array import ArrayLike, check_border, chunks, crop, edges_array, finish, positive, prepare_maps
+from ._bins import MinkowskiBins
 
 
 def derivatives(x: torch.Tensor, periodic: bool, border: int) -> tuple[torch.Tensor, ...]:
@@ -35,24 +35,6 @@ def derivatives(x: torch.Tensor, periodic: bool, border: int) -> tuple[torch.Ten
     kyy = torch.add(up, down).sub_(c, alpha=2.0)
     cxy = torch.sub(x[..., 2:, 2:], x[..., 2:, :-2]).sub_(x[..., :-2, 2:]).add_(x[..., :-2, :-2])
     return c, a, b, kxx, kyy, cxy
-
-
-class MinkowskiBins:
-    """Thresholds t_0 < ... < t_n prepared for :func:`minkowski_tensor`.
-
-    One binning serves all three functionals: the merged edges t_0 < m_0 < t_1 < ... < t_n interleave
-    thresholds and bin midpoints m_b, so pairs of merged bins are the δ bins [t_b, t_b+1) of V1 and V2,
-    and counts above m_b (plus those >= t_n) give V0.
-    """
-
-    def __init__(self, thresholds: np.ndarray, device: torch.device, dtype: torch.dtype) -> None:
-        t = np.asarray(thresholds, dtype=np.float64)
-        merged = np.empty(2 * t.size - 1)
-        merged[0::2] = t
-        merged[1::2] = 0.5 * (t[1:] + t[:-1])
-        self.nb = t.size - 1
-        self.merged = Bins(merged, device, dtype, close_last=False)
-        self.width = torch.as_tensor(np.diff(t), dtype=dtype, device=device)
 
 
 def minkowski_tensor(
@@ -126,9 +108,7 @@ def minkowski(
     batch = prepare_maps(maps, "maps", min_size=3)
     t = edges_array(thresholds, "thresholds")
     pix = positive(pixel_arcmin, "pixel_arcmin")
-    b = border_pixels(border)
-    if 2 * max(b, 0 if periodic else 1) >= batch.npix:
-        raise ValueError(f"border: {b} pixels leave nothing of {batch.npix}x{batch.npix} maps")
+    b = check_border(border, batch.npix, bool(periodic))
     x = batch.data
     bins = MinkowskiBins(t, x.device, x.dtype)
     out = torch.empty(batch.n, 3, t.size - 1, dtype=x.dtype, device=x.device)

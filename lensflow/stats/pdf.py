@@ -6,12 +6,8 @@ from typing import Any
 
 import torch
 
-from ._array import ArrayLike, Bins, border_pixels, chunks, crop, edges_array, finish, prepare_maps
-
-
-def _check_border(b: int, npix: int) -> None:
-    if 2 * b >= npix:
-        raise ValueError(f"border: {b} pixels leave nothing of {npix}x{npix} maps")
+from ._array import ArrayLike, check_border, chunks, crop, edges_array, finish, prepare_maps
+from ._bins import Bins
 
 
 def pixel_pdf(maps: ArrayLike, edges: Any, border: int = 0) -> ArrayLike:
@@ -23,8 +19,7 @@ def pixel_pdf(maps: ArrayLike, edges: Any, border: int = 0) -> ArrayLike:
     """
     batch = prepare_maps(maps, "maps", min_size=1)
     e = edges_array(edges, "edges")
-    b = border_pixels(border)
-    _check_border(b, batch.npix)
+    b = check_border(border, batch.npix, periodic=True)  # the PDF needs no neighbours: no ring is lost
     x = batch.data
     bins = Bins(e, x.device, x.dtype)
     out = torch.empty(batch.n, e.size - 1, dtype=x.dtype, device=x.device)
@@ -68,8 +63,7 @@ def moments(maps: ArrayLike, border: int = 0) -> ArrayLike:
     Returns [4], [B, 4] or [B, C, 4]; a constant map has skewness and kurtosis 0.
     """
     batch = prepare_maps(maps, "maps", min_size=1)
-    b = border_pixels(border)
-    _check_border(b, batch.npix)
+    b = check_border(border, batch.npix, periodic=True)  # the PDF needs no neighbours: no ring is lost
     x = batch.data
     out = torch.empty(batch.n, 4, dtype=x.dtype, device=x.device)
     for sl in chunks(batch.n, batch.npix * batch.npix, x.device):

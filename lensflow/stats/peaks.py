@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._array import ArrayLike, Bins, border_pixels, chunks, crop, edges_array, finish, prepare_maps
+from ._array import ArrayLike, check_border, chunks, crop, edges_array, finish, prepare_maps
+from ._bins import Bins
 
 
 def extrema_mask(x: torch.Tensor, periodic: bool, border: int, minima: bool = False) -> torch.Tensor:
@@ -48,9 +49,7 @@ def extrema_counts(x: torch.Tensor, bins: Bins, periodic: bool, border: int, min
 def _counts(maps: Any, edges: Any, periodic: bool, border: int, minima: bool) -> ArrayLike:
     batch = prepare_maps(maps, "maps", min_size=3)
     e = edges_array(edges, "edges")
-    b = border_pixels(border)
-    if 2 * max(b, 0 if periodic else 1) >= batch.npix:
-        raise ValueError(f"border: {b} pixels leave nothing of {batch.npix}x{batch.npix} maps")
+    b = check_border(border, batch.npix, bool(periodic))
     x = batch.data
     bins = Bins(e, x.device, x.dtype)
     out = torch.empty(batch.n, e.size - 1, dtype=x.dtype, device=x.device)

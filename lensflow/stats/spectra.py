@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._array import ArrayLike, chunks, edges_array, positive, prepare_maps, to_output
+from lensflow._util.units import ARCMIN
 
-#: One arcminute in radians.
-ARCMIN = math.pi / (180.0 * 60.0)
+from ._array import ArrayLike, chunks, edges_array, positive, prepare_maps, to_output
 
 # A mode whose ℓ lies within this relative distance of a bin edge counts as lying on it, so that the
 # (ℓ_lo, ℓ_hi] assignment of lattice modes that sit exactly on an edge (common with log-spaced edges
@@ -38,7 +36,8 @@ def _mode_ell(npix: int, pixel_arcmin: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=32)
-def _binning(npix: int, pixel_arcmin: float, edges: tuple[float, ...]) -> dict[str, np.ndarray]:
+def mode_binning(npix: int, pixel_arcmin: float, edges: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """Bin of every rfft2 mode (-1 outside), its full-plane weight, modes per bin and mode-weighted mean ℓ."""
     ell, weight = _mode_ell(npix, pixel_arcmin)
     e = np.asarray(edges)
     nb = e.size - 1
@@ -63,7 +62,7 @@ def ell_modes(npix: int, pixel_arcmin: float, ell_edges: Any) -> tuple[np.ndarra
     npix = _npix(npix)
     pix = positive(pixel_arcmin, "pixel_arcmin")
     e = edges_array(ell_edges, "ell_edges")
-    info = _binning(npix, pix, tuple(e.tolist()))
+    info = mode_binning(npix, pix, tuple(e.tolist()))
     return info["ell_mean"].copy(), info["n_modes"].copy()
 
 
@@ -92,7 +91,7 @@ def default_ell_edges(npix: int, pixel_arcmin: float, nbins: int = 20) -> np.nda
     ell_nyq = np.pi / (pix * ARCMIN)
     edges = list(np.geomspace(2.0 * ell_min, ell_nyq, int(nbins) + 1))
     while True:
-        n_modes = _binning(npix, pix, tuple(edges))["n_modes"]
+        n_modes = mode_binning(npix, pix, tuple(edges))["n_modes"]
         empty = np.flatnonzero(n_modes == 0)
         if empty.size == 0:
             return np.asarray(edges)
@@ -127,13 +126,13 @@ def power_spectrum(
         raise ValueError(f"ell_edges: multipoles must be >= 0, got {e.tolist()}")
     if cross and len(batch.lead) != 2:
         raise ValueError("cross: cross spectra need maps of shape [B, C, H, W]")
-    info = _binning(batch.npix, pix, tuple(e.tolist()))
-    _check_nonempty(info, batch.npix, pix, e)
+    info = mode_binning(batch.npix, pix, tuple(e.tolist()))
+    check_nonempty_bins(info, batch.npix, pix, e)
     nb = e.size - 1
     if cross:
         nchan = batch.lead[1]
         data = batch.data.reshape(-1, nchan, batch.npix, batch.npix)
-        cl = _cross_spectra(data, pix, info, nb)
+        cl = cross_spectra(data, pix, info, nb)
         out = cl.reshape(*batch.lead, nchan, nb)
     else:
         cl = auto_spectra(batch.data, pix, info, nb)
@@ -142,7 +141,8 @@ def power_spectrum(
     return to_output(ell, batch), to_output(out, batch)
 
 
-def _check_nonempty(info: dict[str, np.ndarray], npix: int, pix: float, e: np.ndarray) -> None:
+def check_nonempty_bins(info: dict[str, np.ndarray], npix: int, pix: float, e: np.ndarray) -> None:
+    """Refuse ℓ edges with a bin that holds no Fourier mode of the map (one line naming the bin)."""
     empty = np.flatnonzero(info["n_modes"] == 0)
     if empty.size:
         i = int(empty[0])
@@ -153,7 +153,7 @@ def _check_nonempty(info: dict[str, np.ndarray], npix: int, pix: float, e: np.nd
         )
 
 
-def _mode_coef(info: dict[str, np.ndarray], scale: float) -> np.ndarray:
+def mode_coef(info: dict[str, np.ndarray], scale: float) -> np.ndarray:
     """Per-mode factor turning |FFT|² into a bin average: scale · weight / n_modes of the mode's bin
     (0 for modes in no bin)."""
     b = info["bin"]
@@ -175,7 +175,7 @@ class _BinReducer:
         valid = b >= 0
         self.nb = nb
         self.dense = b.size * nb <= (1 << 23)
-        vals = torch.as_tensor(_mode_coef(info, scale)[valid], dtype=dtype, device=device)
+        vals = torch.as_tensor(mode_coef(info, scale)[valid], dtype=dtype, device=device)
         rows = torch.as_tensor(np.flatnonzero(valid), device=device)
         cols = torch.as_tensor(b[valid], device=device)
         if self.dense:
@@ -211,7 +211,8 @@ def auto_spectra(
     return out
 
 
-def _cross_spectra(x: torch.Tensor, pixel_arcmin: float, info: dict[str, np.ndarray], nb: int) -> torch.Tensor:
+def cross_spectra(x: torch.Tensor, pixel_arcmin: float, info: dict[str, np.ndarray], nb: int) -> torch.Tensor:
+    """[N, C, C, nbins] auto and cross C_ℓ of [N, C, H, W] maps (internal, no validation)."""
     n, c, npix = x.shape[0], x.shape[1], x.shape[-1]
     a_pix = (pixel_arcmin * ARCMIN) ** 2
     reduce = _BinReducer(info, nb, a_pix / npix**2, x.device, x.dtype)
