@@ -21,12 +21,25 @@ import numpy as np
 import torch
 
 from lensflow._util.log import get_logger
+from lensflow.bench import suite_config
 from lensflow.flows import Glow
 from lensflow.sims.exact import kl_gap_bits
 from lensflow.sims.flat import FlatSimulator
 from lensflow.sims.theory import PLANCK18
 
 log = get_logger(__name__)
+
+#: The keys of conf/bench/kl.yaml.
+KEYS: tuple[str, ...] = (
+    "data",
+    "max_steps",
+    "batch_size",
+    "norm_maps",
+    "eval_every",
+    "seed",
+    "threads",
+    "variants",
+)
 
 _GLOW_KEYS = (
     "levels",
@@ -169,6 +182,9 @@ def simulate_data(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every variant on one data set; the first variant is the baseline of the ratios."""
+    cfg = suite_config(cfg, KEYS, "kl")
+    if not cfg["variants"]:
+        raise ValueError("bench kl: variants: give at least one variant")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     data = simulate_data(cfg["data"])

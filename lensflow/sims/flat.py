@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from lensflow._util.units import ARCMIN
 from lensflow.sims.exact import FlatLikelihood
 from lensflow.sims.theory import convergence_cl, hilbert2011_shift, parse_sources, source_labels
 
 KINDS: tuple[str, ...] = ("gaussian", "lognormal")
-_ARCMIN = math.pi / (180.0 * 60.0)
 
 
 def _workers() -> int:
@@ -149,7 +149,7 @@ class FlatSimulator:
             M = int(math.ceil(pad * self.npix))
             M += M % 2
         self.grid = M
-        d = self.pixel_arcmin * _ARCMIN
+        d = self.pixel_arcmin * ARCMIN
         self._d = d
         if cl is None:
             if cosmology is None:
