@@ -165,11 +165,12 @@ class Glow(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Glow:
-        """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics)."""
+    def from_config(cls, config: dict[str, Any], *, init_seed: int | None = None) -> Glow:
+        """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics); ``init_seed`` as
+        in the constructor. ``log_shift`` and ``margin`` configure the :class:`Preprocess`."""
         cfg = dict(config)
         pre = Preprocess(cfg["in_channels"], log_shift=cfg.pop("log_shift", False), margin=cfg.pop("margin", 1.0))
-        return cls(preprocess=pre, **cfg)
+        return cls(preprocess=pre, init_seed=init_seed, **cfg)
 
     # -- checks -------------------------------------------------------------------------------------------
     def _check_x(self, x: Tensor) -> None:
