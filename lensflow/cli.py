@@ -25,7 +25,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lensflow._util.log import setup_logging
 
-__all__ = ["BAD_INPUT", "command", "hydra_cli", "one_line", "open_node_overrides", "precheck"]
+__all__ = [
+    "BAD_INPUT",
+    "command",
+    "compose",
+    "config_error",
+    "hydra_cli",
+    "one_line",
+    "open_node_overrides",
+    "precheck",
+]
 
 #: Exceptions that mean "the input was bad" (exit 2).
 BAD_INPUT: tuple[type[BaseException], ...] = (
@@ -49,25 +58,48 @@ def _error(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def compose(config_name: str, overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
+    """The composed config ``config_name`` of ``lensflow.conf`` with ``overrides``, outside a running command.
+
+    The one place that composes configs from Python (tests, notebooks, library defaults); inside a running
+    Hydra app it composes with that app's search path.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(
+            config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
+        )
+    try:
+        with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
+            return hydra_compose(
+                config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
+            )
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def config_error(e: BaseException) -> str:
+    """A Hydra composition error as one short line (no search path, no HYDRA_FULL_ERROR hint)."""
+    msg = one_line(e).split("Config search path:")[0]
+    msg = msg.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "")
+    msg = msg.replace("Available options in", "; available options in")
+    return msg.strip()
+
+
 def precheck(config_name: str, overrides: list[str]) -> None:
     """Compose the config once before Hydra runs, so typos give one ``error:`` line and exit code 2."""
     if any(a.startswith("-") for a in overrides):
         return  # --help, --cfg, --multirun, ...: leave them to Hydra
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        compose(config_name, overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        msg = one_line(e).split("Config search path:")[0]
-        msg = msg.replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", "")
-        msg = msg.replace("Available options in", "; available options in")
-        _error(f"config: {msg.strip()}")
+        _error(f"config: {config_error(e)}")
         sys.exit(2)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def open_node_overrides(argv: Sequence[str], open_nodes: Sequence[str]) -> list[str]:

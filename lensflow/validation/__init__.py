@@ -1,0 +1,48 @@
+"""Validation of candidate κ maps (emulator mocks) against reference maps (simulations).
+
+The one definition of the check
+-------------------------------
+Everything that compares two sets of maps -- ``python -m lensflow.validate`` and the in-training check
+alike -- goes through these three functions, so both give the same numbers for the same maps:
+
+1. :func:`summary_config_for` ``(options, meta, reference_maps)`` → the one
+   :class:`lensflow.stats.SummaryConfig` for both sets: the statistics, smoothing scales and noise
+   model of ``options`` (:class:`MeasureOptions` or a mapping shaped like conf/validate.yaml), bins
+   from the reference only (ν edges in units of the smoothed noise σ, or of the reference maps' own σ),
+   a border of 2 × the widest smoothing scale on non-periodic maps;
+2. :func:`statistics_of` ``(maps, config, seed=...)`` → per-map statistics ``{name: [N, F]}`` (float32
+   maps, one seeded shape-noise stream per set, carried across batches);
+3. :func:`lensflow.compare.compare` ``(reference_stats, candidate_stats, tolerances)`` → metrics and
+   verdicts per statistic and bin.
+
+:func:`build_summary_config` and :func:`compute_statistics` are the first two reading maps from a map
+store. The package's modules: ``config`` (the validate.yaml tree → typed objects, read nowhere else),
+``measure`` (selection, the SummaryConfig, statistics), ``memorization`` (the memorisation check on
+stores), ``statsfile`` (the files of a validation folder) and ``run`` (:func:`validate`, the command).
+"""
+
+from __future__ import annotations
+
+from lensflow.compare import compare
+from lensflow.validation.config import MeasureOptions, ValidationConfig, load_config
+from lensflow.validation.measure import (
+    build_summary_config,
+    check_compatible,
+    compute_statistics,
+    select_indices,
+    statistics_of,
+    summary_config_for,
+)
+
+__all__ = [
+    "MeasureOptions",
+    "ValidationConfig",
+    "build_summary_config",
+    "check_compatible",
+    "compare",
+    "compute_statistics",
+    "load_config",
+    "select_indices",
+    "statistics_of",
+    "summary_config_for",
+]

@@ -1,0 +1,269 @@
+"""Measurement: which maps are compared, the one SummaryConfig for both sets, and their statistics.
+
+:func:`summary_config_for` and :func:`statistics_of` work on maps in memory; :func:`build_summary_config`
+and :func:`compute_statistics` are the same two functions reading the maps from a store, so the
+in-training check and ``python -m lensflow.validate`` measure the same maps to the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from lensflow.mapstore import MapStore, StoreMeta
+from lensflow.stats.summary import SummaryConfig, summarize, with_reference_sigma
+from lensflow.validation.config import MeasureOptions, check_split
+
+__all__ = [
+    "batches",
+    "build_summary_config",
+    "check_compatible",
+    "compute_statistics",
+    "select_indices",
+    "statistics_of",
+    "store_record",
+    "summary_config_for",
+]
+
+Maps = np.ndarray | torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which maps
+# ---------------------------------------------------------------------------------------------------
+
+
+def select_indices(
+    store: MapStore,
+    split: str,
+    select: Mapping[str, float] | None = None,
+    max_maps: int | None = None,
+    rng: np.random.Generator | None = None,
+    what: str = "store",
+) -> np.ndarray:
+    """Sorted map indices of ``store``: one split, maps whose params equal ``select`` (rtol 1e-6), and at
+    most ``max_maps`` of them (a random subset drawn with ``rng``, or the first ones without it)."""
+    idx = store.indices(check_split(split, f"{what} split"))
+    if select:
+        names = store.meta.param_names
+        missing = [k for k in select if k not in names]
+        if missing:
+            raise ValueError(f"select: {store.path} has no parameter(s) {missing}; it has {list(names)}")
+        if idx.size:
+            p = store.read_params(idx)
+            keep = np.ones(idx.size, bool)
+            for k, v in select.items():
+                keep &= np.isclose(p[:, names.index(k)], float(v), rtol=1e-6, atol=0.0)
+            idx = idx[keep]
+    if idx.size == 0:
+        sel = f" with params {dict(select)}" if select else ""
+        raise ValueError(f"{what}: {store.path} has no maps in split {split!r}{sel}")
+    if max_maps is not None:
+        if int(max_maps) < 1:
+            raise ValueError(f"max_maps must be positive or null, got {max_maps}")
+        if idx.size > max_maps:
+            idx = np.sort(rng.choice(idx, int(max_maps), replace=False)) if rng is not None else idx[:max_maps]
+    return np.asarray(idx, dtype=np.int64)
+
+
+def check_compatible(ref: MapStore, cand: MapStore, warnings: list[str], what: str = "candidate") -> None:
+    """Refuse stores whose maps cannot be compared (shape, pixel scale); note softer differences."""
+    if (cand.npix, cand.channels) != (ref.npix, ref.channels):
+        raise ValueError(
+            f"{what}: {cand.path} holds [{cand.channels}, {cand.npix}, {cand.npix}] maps, the "
+            f"reference {ref.path} [{ref.channels}, {ref.npix}, {ref.npix}]"
+        )
+    if not math.isclose(cand.meta.pixel_arcmin, ref.meta.pixel_arcmin, rel_tol=1e-6):
+        raise ValueError(
+            f"{what}: {cand.path} has pixel_arcmin={cand.meta.pixel_arcmin}, the reference {ref.meta.pixel_arcmin}"
+        )
+    zc, zr = np.asarray(cand.meta.source_redshifts), np.asarray(ref.meta.source_redshifts)
+    both = np.isfinite(zc) & np.isfinite(zr)
+    if np.any(both & ~np.isclose(zc, zr, rtol=1e-6, atol=0)):
+        warnings.append(f"{what} source_redshifts {zc.tolist()} differ from the reference {zr.tolist()}")
+    if cand.meta.periodic != ref.meta.periodic:
+        warnings.append(
+            f"{what} periodic={cand.meta.periodic} differs from the reference "
+            f"periodic={ref.meta.periodic}; both are measured as the reference "
+            f"(periodic={ref.meta.periodic})"
+        )
+
+
+def store_record(st: MapStore, split: str, idx: np.ndarray) -> dict[str, Any]:
+    """What summary.json says about an input store: path, selection and the provenance it carries."""
+    m = st.meta
+    return {
+        "path": str(st.path.resolve()),
+        "split": split,
+        "n_maps_store": st.n,
+        "n_maps_used": int(idx.size),
+        "channels": st.channels,
+        "npix": st.npix,
+        "pixel_arcmin": m.pixel_arcmin,
+        "source_redshifts": list(m.source_redshifts),
+        "periodic": m.periodic,
+        "kind": m.kind,
+        "param_names": list(m.param_names),
+        "created_by": dict(m.created_by),
+        "extra": dict(m.extra),
+    }
+
+
+def batches(store: MapStore, idx: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+    """The maps ``idx`` of ``store`` in blocks of ``batch`` (float32 [b, C, H, W])."""
+    for lo in range(0, idx.size, batch):
+        yield store.read(idx[lo : lo + batch])
+
+
+def _as_float32(maps: Maps) -> np.ndarray:
+    """Maps as the store holds them (float32, C order), so arrays and stores give the same numbers."""
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().cpu().numpy()
+    return np.ascontiguousarray(maps, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The SummaryConfig
+# ---------------------------------------------------------------------------------------------------
+
+
+def summary_config_for(
+    options: MeasureOptions | Mapping[str, Any],
+    meta: StoreMeta,
+    reference_maps: Maps,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> SummaryConfig:
+    """The one :class:`SummaryConfig` for both sets, from the reference maps ``[N, C, H, W]`` in memory.
+
+    Bins depend on the reference only: ν edges are in units of the smoothed shape-noise σ, or (no
+    noise) of the reference maps' own σ after noise and smoothing, measured on the first
+    ``bins.reference_sigma_maps`` maps with shape noise seeded by ``seed``. The border of non-periodic
+    maps is 2 × the widest smoothing scale unless ``bins.border_arcmin`` says otherwise.
+
+    Args:
+        options: :class:`MeasureOptions`, or a mapping shaped like conf/validate.yaml (missing keys take
+            its values).
+        meta: the reference store's metadata (pixel scale, periodicity).
+        reference_maps: the reference maps in the order they are measured (float32, as in a store).
+        device: where the reference σ is measured.
+        seed: seed of the shape noise behind that σ.
+    """
+    maps = reference_maps
+    return _summary_config(MeasureOptions.from_mapping(options), meta, lambda k: _as_float32(maps[:k]), device, seed)
+
+
+def build_summary_config(
+    cfg: MeasureOptions | Mapping[str, Any],
+    reference: MapStore,
+    ref_idx: np.ndarray,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> SummaryConfig:
+    """:func:`summary_config_for` of the maps ``ref_idx`` of ``reference`` (only the maps it needs are read)."""
+    return _summary_config(
+        MeasureOptions.from_mapping(cfg), reference.meta, lambda k: reference.read(ref_idx[:k]), device, seed
+    )
+
+
+def _summary_config(
+    opts: MeasureOptions,
+    meta: StoreMeta,
+    first_maps: Callable[[int], np.ndarray],
+    device: torch.device | str,
+    seed: int,
+) -> SummaryConfig:
+    scales = opts.smoothing_arcmin
+    periodic = bool(meta.periodic)
+    border = opts.bins.border_arcmin
+    if border is None:
+        border = 0.0 if periodic else 2.0 * max(scales)
+    d: dict[str, Any] = {
+        "pixel_arcmin": meta.pixel_arcmin,
+        "smoothing_arcmin": scales,
+        "periodic": periodic,
+        "border_arcmin": float(border),
+        "ell_nbins": opts.bins.ell_nbins,
+        "cross": opts.bins.cross,
+        "bin_units": opts.bins.units,
+        "statistics": opts.statistics,
+        **opts.bins.edges(),
+    }
+    if opts.noise.model == "survey":
+        d["sigma_e"] = float(opts.noise.sigma_e)
+        d["n_gal"] = float(opts.noise.n_gal)
+    if opts.needs_reference_sigma:
+        d["sigma_ref"] = (1.0,) * len(scales)  # placeholder, replaced from the reference maps below
+    sc = SummaryConfig.from_dict(d)
+    if opts.needs_reference_sigma:
+        dev = torch.device(device)
+        sub = first_maps(max(2, opts.bins.reference_sigma_maps))
+        gen = torch.Generator(device=dev).manual_seed(seed) if sc.sigma_e is not None else None
+        sc = with_reference_sigma(torch.from_numpy(sub).to(dev), sc, generator=gen)
+    return sc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def _measure(
+    blocks: Iterable[np.ndarray], config: SummaryConfig, seed: int, device: torch.device | str, progress: Any
+) -> dict[str, np.ndarray]:
+    """The one measuring loop: ``summarize`` block by block, with one noise generator for the whole set."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    parts: dict[str, list[np.ndarray]] = {}
+    for maps in blocks:
+        res = summarize(torch.from_numpy(maps).to(dev), config, generator=gen)
+        for k, v in res.items():
+            parts.setdefault(k, []).append(v.detach().cpu().numpy().astype(np.float64))
+        if progress is not None:
+            progress.update(maps.shape[0])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _check_batch(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return int(batch_size)
+
+
+def statistics_of(
+    maps: Maps,
+    config: SummaryConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+) -> dict[str, np.ndarray]:
+    """Per-map statistics {name: float64 [N, F]} of maps ``[N, C, H, W]`` in memory.
+
+    The maps are measured in float32, as a map store holds them; the shape noise (if any) comes from
+    one torch generator seeded with ``seed`` and carried across batches, so every map gets its own
+    realisation and the result equals :func:`compute_statistics` of the same maps in a store.
+    """
+    batch = _check_batch(batch_size)
+    arr = _as_float32(maps)
+    return _measure((arr[lo : lo + batch] for lo in range(0, arr.shape[0], batch)), config, seed, device, None)
+
+
+def compute_statistics(
+    store: MapStore,
+    idx: np.ndarray,
+    config: SummaryConfig,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: Any = None,
+) -> dict[str, np.ndarray]:
+    """:func:`statistics_of` the maps ``idx`` of ``store``, read in batches; ``progress`` is an optional
+    tqdm bar to advance."""
+    return _measure(batches(store, idx, _check_batch(batch_size)), config, seed, device, progress)
