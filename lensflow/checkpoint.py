@@ -6,8 +6,8 @@ A checkpoint is a Lightning checkpoint of plain data, so ``torch.load(path, weig
   weights used for sampling), ``cond_mean``/``cond_std`` (physical units) and ``ema_steps``;
 * ``hyper_parameters``: plain dicts ``model, meta, npix, store, param_names, optim, check, seed, config``,
   where ``meta`` is the training store's :meth:`lensflow.mapstore.StoreMeta.to_dict`. Older checkpoints
-  (lensflow 0.1 before the training/generation split) hold a ``map_meta`` dict instead of ``meta/npix/store``; :func:`training_maps`
-  reads both;
+  (lensflow 0.1 before the training/generation split) hold a ``map_meta`` dict instead of
+  ``meta/npix/store``; :func:`training_maps` reads both;
 * ``"lensflow"``: format version, model kind ``"glow"``, the resolved run config, the training data
   (store path, metadata, map side, parameter names) and a provenance record;
 * ``"lensflow_counters"``: the non-finite step counters of the run.
@@ -121,11 +121,12 @@ def legacy_maps(map_meta: Mapping[str, Any]) -> tuple[StoreMeta, int, str | None
     return meta, int(mm["npix"]), None if store is None else str(store)
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False) -> dict[str, Any]:
     """Load a lensflow Glow checkpoint dict (``weights_only=True``), or raise a one-line ``ValueError``
-    naming the file."""
+    naming the file. ``mmap`` maps the tensors instead of reading them (cheap when only the
+    hyperparameters are needed)."""
     p = _existing(path)
-    return _checked(_load(p, p, map_location), p)
+    return _checked(_load(p, p, map_location, mmap), p)
 
 
 def read_checkpoint_hashed(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, Any], str]:
@@ -147,9 +148,9 @@ def _existing(path: str | os.PathLike) -> Path:
     return p
 
 
-def _load(src: Any, p: Path, map_location: Any) -> Any:
+def _load(src: Any, p: Path, map_location: Any, mmap: bool = False) -> Any:
     try:
-        return torch.load(src, map_location=map_location, weights_only=True)
+        return torch.load(src, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling/format problem is a bad file to the user
         first = str(e).splitlines()[0][:200] if str(e) else ""
         raise ValueError(f"{p}: not a readable lensflow checkpoint ({type(e).__name__}: {first})") from None

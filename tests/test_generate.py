@@ -21,6 +21,7 @@ import lensflow
 import lensflow.generate as gen
 from lensflow.data import KappaDataModule
 from lensflow.generate import GenerationError, generate, latent_noise, sample_maps, stream_seed
+from lensflow.generation import job
 from lensflow.mapstore import StoreMeta, open_store, write_store
 from lensflow.module import GlowModule, load_glow_module
 
@@ -180,10 +181,13 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, ckpts):
         from omegaconf import OmegaConf
         torch.set_num_threads(1)  # as in this process: bit-identical maps need the same kernels
         import lensflow.generate as g
-        def hook(event, b):
-            if event == "writing" and b == 2:  # inside the writer of the 3rd batch, before its rename
+        from lensflow.mapstore import MapStoreWriter
+        commit = MapStoreWriter.commit
+        def kill_in_third_part(self):
+            if self.path.name == "part-000000002.h5":  # inside the writer of the 3rd batch, before its rename
                 os.kill(os.getpid(), signal.SIGKILL)
-        g._HOOK = hook
+            return commit(self)
+        MapStoreWriter.commit = kill_in_third_part
         g.generate(OmegaConf.create(dict(ckpt={str(ck)!r}, n_maps=11, batch_size=3, seed=2, out={str(out)!r},
                                          progress=False, devices=1, accelerator="cpu")))
     """)
@@ -214,26 +218,30 @@ def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts
     ck = ckpts["uncond"]
     out = tmp_path / "m.h5"
 
-    def boom(event, b):
-        if event == "sampled" and b == 1:
-            raise RuntimeError("simulated crash")
+    write_part = job.write_part
 
-    monkeypatch.setattr(gen, "_HOOK", boom)
+    def boom(plan, b, *args):
+        if b == 1:  # batch 1 sampled, before its part is written
+            raise RuntimeError("simulated crash")
+        write_part(plan, b, *args)
+
+    monkeypatch.setattr(job, "write_part", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, out=str(out)))
-    monkeypatch.setattr(gen, "_HOOK", None)
+    monkeypatch.setattr(job, "write_part", write_part)
     parts = tmp_path / "m.h5.parts"
     assert not out.exists() and sorted(p.name for p in parts.glob("part-*")) == ["part-000000000.h5"]
 
     # overwrite=true discards the unfinished run of another request (here: another seed) ...
-    def after_merge(event, b):
-        if event == "merged":
-            raise RuntimeError("killed after the output was renamed into place")
+    remove_work_folder = job.remove_work_folder
 
-    monkeypatch.setattr(gen, "_HOOK", after_merge)
+    def after_merge(plan):
+        raise RuntimeError("killed after the output was renamed into place")
+
+    monkeypatch.setattr(job, "remove_work_folder", after_merge)
     with pytest.raises(RuntimeError, match="renamed into place"):
         generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out), overwrite=True))
-    monkeypatch.setattr(gen, "_HOOK", None)
+    monkeypatch.setattr(job, "remove_work_folder", remove_work_folder)
     ref = sample_maps(ck, 6, seed=4, batch_size=2, device="cpu")
     np.testing.assert_array_equal(open_store(out).read(), ref)
     assert _left(tmp_path) == ["m.h5", "m.h5.parts"]

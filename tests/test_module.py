@@ -232,7 +232,7 @@ class _Stub:
 
     def __init__(self, maps, npix, pix):
         self.maps = torch.from_numpy(maps)
-        self.map_meta = {"pixel_arcmin": pix, "periodic": True, "npix": npix, "channels": 1}
+        self.meta = StoreMeta(pixel_arcmin=pix, source_redshifts=(1.0,), periodic=True)
         self.device = torch.device("cpu")
         self.num_dims = npix * npix
         self.param_names = ()

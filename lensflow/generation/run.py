@@ -48,9 +48,7 @@ def generate(cfg: Any) -> Path:
     n_done = job_mod.prepare_parts(plan, request.overwrite)
     if n_done:
         log.info("resuming: %d of %d batches already in %s", n_done, plan.n_batches, plan.parts)
-    work = Work(
-        plan, module.meta, request.seed, request.temperature, request.ema, request.max_attempts, request.noise
-    )
+    work = Work(plan, module.meta, request.seed, request.temperature, request.ema, request.max_attempts, request.noise)
     t0 = time.perf_counter()
     written = run_batches(work, module, ckpt, plan.todo(), device, request.progress)
     elapsed = time.perf_counter() - t0

@@ -210,4 +210,3 @@ def sample_maps(
         idx = np.arange(lo, min(lo + batch_size, n))
         out[idx], _ = sampler.draw(idx, None if rows is None else rows[idx])
     return out
-

@@ -121,7 +121,11 @@ def _fan_out(work: Work, ckpt: Mapping[str, Any], todo: list[int], kind: str, np
     ctx = torch.multiprocessing.get_context("spawn")
     q = ctx.Queue()
     pc = torch.multiprocessing.start_processes(
-        _worker, args=(nprocs, work, dict(ckpt), todo, kind, threads, q), nprocs=nprocs, join=False, start_method="spawn"
+        _worker,
+        args=(nprocs, work, dict(ckpt), todo, kind, threads, q),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
     )
     errors: list[str] = []
 
