@@ -95,14 +95,16 @@ class StoreMeta:
 
         :meth:`from_dict` is its inverse.
         """
+        from lensflow._util.plain import to_plain
+
         return {
             "pixel_arcmin": float(self.pixel_arcmin),
             "source_redshifts": [None if math.isnan(z) else float(z) for z in self.source_redshifts],
             "periodic": bool(self.periodic),
             "kind": str(self.kind),
             "param_names": list(self.param_names),
-            "created_by": _jsonable(dict(self.created_by)),
-            "extra": _jsonable(dict(self.extra)),
+            "created_by": to_plain(dict(self.created_by)),
+            "extra": to_plain(dict(self.extra)),
         }
 
     @classmethod
@@ -305,7 +307,9 @@ class MapStoreWriter:
         self._file.attrs["n_maps"] = self._n
         self._file.close()
         self._file = None
-        os.replace(self._tmp, self.path)
+        from lensflow._util.atomic import replace_into_place  # the umask's mode, not mkstemp's 0600
+
+        replace_into_place(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
