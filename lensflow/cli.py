@@ -27,9 +27,12 @@ from lensflow._util.log import setup_logging
 
 __all__ = [
     "BAD_INPUT",
+    "argv_command",
     "command",
     "compose",
     "config_error",
+    "echo",
+    "exit_with",
     "hydra_cli",
     "one_line",
     "open_node_overrides",
@@ -201,3 +204,43 @@ def command(
 def hydra_cli(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
     """Old name of :func:`command` that prints a non-None result (kept for one release)."""
     return command(config_name, fn, render=lambda r: None if r is None else str(r))
+
+
+def echo(text: str) -> None:
+    """Print a line of a command's console output on stdout (results, progress a user reads)."""
+    print(text, flush=True)
+
+
+def argv_command(
+    fn: Callable[[list[str], Callable[[str], None]], int],
+    *,
+    exit_codes: Mapping[type[BaseException], int] | None = None,
+) -> Callable[[Sequence[str] | None], int]:
+    """A ``main(argv=None) -> exit code`` for a command that parses its own argv (not Hydra).
+
+    ``fn(argv, echo)`` runs the command and returns its exit code; bad input and run failures give one
+    ``error:`` line and their code as in :func:`command`. The caller exits with :func:`exit_with`.
+    """
+    codes = dict(exit_codes or {})
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        setup_logging()
+        try:
+            return fn(list(sys.argv[1:] if argv is None else argv), echo)
+        except BaseException as e:  # noqa: BLE001 - mapped to one line and an exit code below
+            if os.environ.get("LENSFLOW_DEBUG") or isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            code = exit_code_of(e, codes)
+            if code is None:
+                traceback.print_exc()
+                _error(f"internal error: {type(e).__name__}: {one_line(e)}")
+                return 2
+            _error(one_line(e))
+            return code
+
+    return main
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """Run an argv-style ``main`` (:func:`argv_command`) and exit with its code."""
+    sys.exit(main())

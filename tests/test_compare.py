@@ -296,3 +296,15 @@ def test_memorization_flags_copies_of_training_maps(sims):
     mixed[:5] = train[:5] + 0.05 * train.std() * rng.standard_normal(train[:5].shape).astype(np.float32)
     part = C.memorization_check(mixed, train, heldout)
     assert not part["pass"] and part["near_fraction_candidate"] == pytest.approx(0.05)
+
+
+def test_standardized_deviations_are_the_gated_statistics():
+    """The per-bin z statistics as a function of the two arrays alone (for label permutations) are those
+    the mean and std criteria threshold."""
+    rng = np.random.default_rng(21)
+    ref, cand = rng.normal(size=(120, 7)), rng.normal(0.1, 1.2, size=(90, 7))
+    z = C.standardized_deviations(ref, cand)
+    r = C.compare_statistic(ref, cand)
+    np.testing.assert_array_equal(z["z_mean"], r["z_mean"])
+    np.testing.assert_array_equal(z["std_z_bf"], r["std_z_bf"])
+    assert [k for k, _ in C.CRITERIA] == [k for k in r["verdict"] if k != "pass"]

@@ -239,8 +239,12 @@ def test_select_indices_by_params(tmp_path):
 
 
 def test_notebooks_are_committed_without_outputs():
-    for name in ("validation_report.ipynb", "explore_simulations.ipynb"):
-        text = (ROOT / "notebooks" / name).read_text()
+    for path in (
+        ROOT / "lensflow" / "report" / "validation_report.ipynb",
+        ROOT / "notebooks" / "explore_simulations.ipynb",
+    ):
+        name = path.name
+        text = path.read_text()
         assert '"output_type"' not in text, name
         nb = json.loads(text)
         assert nb["metadata"]["kernelspec"]["name"] == "python3"
@@ -270,3 +274,84 @@ def test_explore_notebook_runs_on_a_store(stores, monkeypatch):
     assert set(ns["s"]) >= {"cl", "peaks@2.0arcmin", "v2@2.0arcmin"}
     assert ns["s"]["cl"].shape == (30, ns["bins"]["cl"].size)
     assert "th0" in ns  # the store's provenance holds its cosmology, so the theory C_ℓ was drawn
+
+
+def test_outputs_respect_the_umask(stores, tmp_path):
+    out = tmp_path / "modes"
+    old = os.umask(0o022)
+    try:
+        base = [f"reference={stores / 'sims.h5'}", f"candidate={stores / 'mocks.h5'}", f"out={out}", *FAST]
+        V.validate(_cfg(*base, "statistics=[cl,pdf]", "memorization.enabled=false", "figures.sample_maps=2"))
+    finally:
+        os.umask(old)
+    written = ["summary.json", "stats.h5", "report.html", "sample_maps.png", "stat_cl.png"]
+    for name in written:
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_arrays_and_stores_give_identical_statistics(stores, tmp_path):
+    """The in-memory entry points (summary_config_for, statistics_of) reproduce validate's numbers bit for
+    bit: the same SummaryConfig and the same per-map statistics as stats.h5, with and without noise."""
+    from lensflow import validation
+    from lensflow._util.seeds import child_ints
+
+    for noise in ("none", "survey"):
+        out = tmp_path / noise
+        cfg = _cfg(
+            f"reference={stores / 'sims.h5'}",
+            f"candidate={stores / 'mocks.h5'}",
+            f"out={out}",
+            *FAST,
+            "seed=3",
+            f"noise.model={noise}",
+            "memorization.enabled=false",
+            "figures.enabled=false",
+        )
+        summary = V.validate(cfg)
+        written = V.read_stats(out / "stats.h5")
+        _, _, s_noise_ref, s_noise_cand, s_sigma = child_ints(3, 5)
+        with open_store(stores / "sims.h5") as ref, open_store(stores / "mocks.h5") as cand:
+            ref_maps = ref.read(written["indices"]["reference"])
+            cand_maps = cand.read(written["indices"]["candidate"])
+            meta = ref.meta
+        options = validation.MeasureOptions.from_mapping(cfg)
+        sc = validation.summary_config_for(options, meta, ref_maps, seed=s_sigma)
+        assert sc.to_dict() == summary["summary_config"]
+        s_ref = validation.statistics_of(ref_maps, sc, seed=s_noise_ref, batch_size=50)
+        s_cand = validation.statistics_of(cand_maps, sc, seed=s_noise_cand)
+        for name in s_ref:
+            np.testing.assert_array_equal(s_ref[name], written["reference"][name])
+            np.testing.assert_array_equal(s_cand[name], written["candidate"][name])
+        verdicts = validation.compare(s_ref, s_cand, validation.load_config(cfg).tolerances)
+        assert {n: r["verdict"]["pass"] for n, r in verdicts["statistics"].items()} == summary["verdicts"]
+
+
+def test_partial_options_take_the_yaml_defaults():
+    """One default per knob: what a mapping leaves out is conf/validate.yaml's value (smoothing [2, 4]),
+    and the YAML's tolerances are the compare dataclasses' defaults."""
+    from lensflow.compare import MemorizationTolerances, Tolerances
+    from lensflow.validation import MeasureOptions, load_config
+
+    cfg = _cfg("reference=a.h5", "candidate=b.h5", "out=o")
+    assert MeasureOptions.from_mapping({}) == MeasureOptions.from_mapping(cfg)
+    assert MeasureOptions.from_mapping({}).smoothing_arcmin == (2.0, 4.0)
+    assert MeasureOptions.from_mapping({"smoothing_arcmin": [3.0]}).smoothing_arcmin == (3.0,)
+    vc = load_config(cfg)
+    assert vc.tolerances == Tolerances()
+    assert vc.memorization.tolerances == MemorizationTolerances()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bins.ell_bins'\]"):
+        MeasureOptions.from_mapping({"bins": {"ell_bins": 10}})
+
+
+def test_report_and_compare_import_no_higher_floor():
+    """compare/ stays on the ground floor (no Hydra, no Lightning) and report/ takes data in: it imports no
+    command package."""
+    mods = ["lensflow.compare", *(f"lensflow.report.{m}" for m in ("figures", "html", "notebook", "text"))]
+    higher = ["hydra", "omegaconf", "lightning", "lensflow.validation", "lensflow.validate", "lensflow.pipeline"]
+    higher += ["lensflow.training", "lensflow.generation", "lensflow.train", "lensflow.generate", "lensflow.module"]
+    code = (
+        f"import importlib, sys\nfor m in {mods!r}:\n    importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in {higher!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -31,15 +31,16 @@ def check_notebook(notebook: str | os.PathLike) -> Path:
 
 
 def execute_notebook(
-    folder: str | os.PathLike, notebook: str | os.PathLike = REPORT_NOTEBOOK, timeout: int = 600
+    folder: str | os.PathLike, notebook: str | os.PathLike | None = None, timeout: int = 600
 ) -> dict[str, str]:
-    """Run ``notebook`` on ``folder`` (its ``summary_dir`` parameter) and export the result to HTML.
+    """Run ``notebook`` (default :data:`REPORT_NOTEBOOK`) on ``folder`` (its ``summary_dir`` parameter)
+    and export the result to HTML.
 
     Writes ``<notebook name>.ipynb`` and ``.html`` into ``folder`` and returns their names
     ``{"notebook", "notebook_html"}``; ``timeout`` is in seconds per cell.
     """
     folder = Path(folder).resolve()
-    nb_path = check_notebook(notebook)
+    nb_path = check_notebook(REPORT_NOTEBOOK if notebook is None else notebook)
     import nbformat
     import papermill as pm
     from nbconvert import HTMLExporter

@@ -33,6 +33,8 @@ from lensflow.validation.measure import (
     statistics_of,
     summary_config_for,
 )
+from lensflow.validation.run import validate
+from lensflow.validation.statsfile import load_report, read_stats
 
 __all__ = [
     "MeasureOptions",
@@ -42,7 +44,10 @@ __all__ = [
     "compare",
     "compute_statistics",
     "load_config",
+    "load_report",
+    "read_stats",
     "select_indices",
     "statistics_of",
     "summary_config_for",
+    "validate",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "build_summary_config",
     "check_compatible",
     "compute_statistics",
+    "parameter_sets",
     "select_indices",
     "statistics_of",
     "store_record",
@@ -279,3 +280,11 @@ def compute_statistics(
     """:func:`statistics_of` the maps ``idx`` of ``store``, read in batches; ``progress`` is an optional
     tqdm bar to advance."""
     return _measure(batches(store, idx, _check_batch(batch_size)), config, seed, device, progress)
+
+
+def parameter_sets(store: MapStore, split: str) -> int:
+    """How many distinct per-map parameter rows the maps of ``split`` have (0 without parameters)."""
+    if not store.meta.param_names:
+        return 0
+    p = store.read_params(store.indices(split))
+    return len(np.unique(p, axis=0)) if p.size else 0
