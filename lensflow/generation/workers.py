@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lensflow._util.progress import progress as progress_bar
 from lensflow.generation import job as job_mod
 from lensflow.generation.sampler import GenerationError, Sampler, ShapeNoise
 from lensflow.mapstore import StoreMeta
@@ -65,27 +66,13 @@ def _worker(
         raise
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="map",
-        desc="generate",
-        disable=not enabled,
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
-
-
 def run_batches(
     work: Work,
     module: Any,
     ckpt: Mapping[str, Any],
     todo: list[int],
     device: tuple[str, int],
-    progress: bool,
+    show_progress: bool,
 ) -> int:
     """Sample and write the batches in ``todo``; returns the maps written by this run.
 
@@ -94,7 +81,9 @@ def run_batches(
     """
     kind, nprocs = device
     done = work.plan.n_total - sum(len(work.plan.batch_indices(b)) for b in todo)
-    bar = _progress(work.plan.n_total, done, progress)
+    bar = progress_bar(work.plan.n_total, unit="map", desc="generate", enabled=show_progress)
+    if done:
+        bar.update(done)  # batches finished by an earlier run
     counts = {"written": 0, "redraws": 0}
 
     def tick(n: int, r: int) -> None:
