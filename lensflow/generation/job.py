@@ -80,29 +80,25 @@ class GenerationRequest:
 
     @classmethod
     def from_config(cls, cfg: Any) -> GenerationRequest:
-        """The request of a composed ``generate`` config (a ``DictConfig`` or a mapping; missing keys take
-        the defaults above)."""
+        """The request of a composed ``generate`` config (a ``DictConfig`` or a mapping; keys left out take
+        the field defaults above)."""
         c = dict(to_plain(cfg) or {})
-        unknown = sorted(set(c) - {f.name for f in dataclasses.fields(cls)})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(c) - set(names))
         if unknown:
             raise ValueError(f"generate: unknown keys {unknown}")
-        ckpt = c.get("ckpt")
-        if ckpt in (None, "", "???"):
+        if c.get("ckpt") in (None, "", "???"):
             raise ValueError("ckpt: no checkpoint given; pass ckpt=PATH")
         if not c.get("out"):
             raise ValueError("out: no output path given")
-        seed = check_int("seed", c.get("seed", 0), 0)
-        noise = c.get("noise")
-        return cls(
-            ckpt=Path(str(ckpt)).expanduser().absolute(),
-            out=Path(str(c["out"])).expanduser().absolute(),
-            **{k: c[k] for k in ("n_maps", "batch_size", "temperature", "ema", "format", "fits_layout") if k in c},
-            **{k: c[k] for k in ("overwrite", "compression", "devices", "accelerator", "max_attempts") if k in c},
-            seed=seed,
-            cond=dict(c.get("cond") or {}),
-            noise=noise if isinstance(noise, ShapeNoise) else ShapeNoise.from_mapping(noise, seed),
-            progress=bool(c.get("progress", True)),
-        )
+        kw = {k: c[k] for k in names if k in c}
+        kw["ckpt"] = Path(str(c["ckpt"])).expanduser().absolute()
+        kw["out"] = Path(str(c["out"])).expanduser().absolute()
+        kw["cond"] = dict(kw.get("cond") or {})
+        seed = check_int("seed", kw.setdefault("seed", cls.__dataclass_fields__["seed"].default), 0)
+        if not isinstance(kw.get("noise"), ShapeNoise):
+            kw["noise"] = ShapeNoise.from_mapping(kw.get("noise"), seed)
+        return cls(**kw)
 
     def __post_init__(self) -> None:
         check_int("n_maps", self.n_maps, 1)
@@ -117,6 +113,7 @@ class GenerationRequest:
             raise ValueError(f"compression must be null, gzip or lzf, got {self.compression!r}")
         check_bool("ema", self.ema)
         check_bool("overwrite", self.overwrite)
+        check_bool("progress", self.progress)
         if self.out.is_dir() and not (self.format == "fits" and self.fits_layout == "files"):
             raise ValueError(f"out: {self.out} is a directory; give a file path")
         if not self.ckpt.is_file():

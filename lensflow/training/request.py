@@ -66,7 +66,7 @@ class DataRequest:
         return cls(
             path=None if d.get("path") in (None, "") else str(d["path"]),
             simulate=sim,
-            simulate_if_missing=check_bool("data.simulate_if_missing", d.get("simulate_if_missing", True)),
+            simulate_if_missing=check_bool("data.simulate_if_missing", d["simulate_if_missing"]),
             data_dir=Path(str(data_dir)).expanduser().resolve(),
             loader=loader,
         )
@@ -107,10 +107,10 @@ class TrainRequest:
             optim=OptimSettings.from_mapping(c["optim"]),
             check=CheckSettings.from_mapping(c["check"]),
             trainer=_trainer_kwargs(c["trainer"]),
-            logger=LoggerSettings.from_mapping(c.get("logger")),
+            logger=LoggerSettings.from_mapping(c["logger"]),
             callbacks=CallbackSettings.from_mapping(c["callbacks"]),
             ckpt_path=Path(str(ckpt)).expanduser() if ckpt else None,
-            prepare_only=check_bool("prepare_only", c.get("prepare_only", False)),
+            prepare_only=check_bool("prepare_only", c["prepare_only"]),
             config=c,
         )
 
