@@ -588,3 +588,13 @@ def test_the_yaml_values_are_the_request_defaults(tmp_path):
         _cfg(ckpt=str(tmp_path / "x.ckpt"), progress=True, accelerator="auto", devices="auto")
     )
     assert composed == GenerationRequest(ckpt=tmp_path / "x.ckpt", out=Path("mocks.h5").absolute())
+
+
+def test_the_checkpoint_is_read_once_per_job(tmp_path, ckpts, monkeypatch):
+    import lensflow.checkpoint as checkpoint
+
+    calls = []
+    load = checkpoint.torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: calls.append(a) or load(*a, **k))
+    generate(_cfg(ckpt=str(ckpts["uncond"]), n_maps=5, batch_size=2, out=str(tmp_path / "m.h5")))
+    assert len(calls) == 1  # loaded (and hashed, from the same bytes) once for all three batches

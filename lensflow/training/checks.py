@@ -42,8 +42,10 @@ __all__ = ["METRICS", "SampleCheck", "check_options", "sample_check"]
 
 log = get_logger(__name__)
 
-#: The check's statistics: name in the logs -> statistic of :func:`lensflow.stats.summarize`.
+#: The check's statistics (names of :func:`lensflow.stats.summarize`).
 STATISTICS = ("cl", "peaks", "pdf")
+#: Maps per set below which there are no metrics (NaN): :func:`lensflow.compare.compare` needs 4.
+MIN_MAPS = 4
 METRICS = (
     "cl_frac_max",
     "cl_frac_mean",
@@ -113,7 +115,8 @@ def sample_check(
     metrics: dict[str, float] = {"n_samples": float(n), "nonfinite_samples": float(n - good.sum())}
     bins: dict[str, Any] = {}
     figures: dict[str, str] = {}
-    if s.shape[0] < 2:
+    if min(s.shape[0], n) < MIN_MAPS:
+        log.warning("sample check %s: %d finite samples of %d maps, too few to compare (%d)", tag, len(s), n, MIN_MAPS)
         metrics.update(dict.fromkeys(METRICS, math.nan))
     else:
         result, bins = compare_maps(ref, s, check_options(chk, meta), meta, seed)
