@@ -93,6 +93,42 @@ class StoreMeta:
     def channels(self) -> int:
         return len(self.source_redshifts)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (checkpoints, ``job.json``); NaN redshifts (n(z) bins) become ``None``.
+
+        :meth:`from_dict` is its inverse.
+        """
+        from lensflow._util.plain import to_plain
+
+        return {
+            "pixel_arcmin": float(self.pixel_arcmin),
+            "source_redshifts": [None if math.isnan(z) else float(z) for z in self.source_redshifts],
+            "periodic": bool(self.periodic),
+            "kind": str(self.kind),
+            "param_names": list(self.param_names),
+            "created_by": to_plain(dict(self.created_by)),
+            "extra": to_plain(dict(self.extra)),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StoreMeta:
+        """The :class:`StoreMeta` of a :meth:`to_dict` record; unknown keys are refused (one line)."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"StoreMeta: unknown keys {unknown}")
+        if "pixel_arcmin" not in d or "source_redshifts" not in d:
+            raise ValueError("StoreMeta: needs pixel_arcmin and source_redshifts")
+        zs = tuple(float("nan") if z is None else float(z) for z in d["source_redshifts"])
+        return cls(
+            pixel_arcmin=float(d["pixel_arcmin"]),
+            source_redshifts=zs,
+            periodic=bool(d.get("periodic", False)),
+            kind=str(d.get("kind", "simulation")),
+            param_names=tuple(d.get("param_names", ())),
+            created_by=dict(d.get("created_by") or {}),
+            extra=dict(d.get("extra") or {}),
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # Split assignment

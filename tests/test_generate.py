@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -21,6 +23,7 @@ import lensflow
 import lensflow.generate as gen
 from lensflow.data import KappaDataModule
 from lensflow.generate import GenerationError, generate, latent_noise, sample_maps, stream_seed
+from lensflow.generation import job
 from lensflow.mapstore import StoreMeta, open_store, write_store
 from lensflow.module import GlowModule, load_glow_module
 
@@ -180,10 +183,13 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, ckpts):
         from omegaconf import OmegaConf
         torch.set_num_threads(1)  # as in this process: bit-identical maps need the same kernels
         import lensflow.generate as g
-        def hook(event, b):
-            if event == "writing" and b == 2:  # inside the writer of the 3rd batch, before its rename
+        from lensflow.mapstore import MapStoreWriter
+        commit = MapStoreWriter.commit
+        def kill_in_third_part(self):
+            if self.path.name == "part-000000002.h5":  # inside the writer of the 3rd batch, before its rename
                 os.kill(os.getpid(), signal.SIGKILL)
-        g._HOOK = hook
+            return commit(self)
+        MapStoreWriter.commit = kill_in_third_part
         g.generate(OmegaConf.create(dict(ckpt={str(ck)!r}, n_maps=11, batch_size=3, seed=2, out={str(out)!r},
                                          progress=False, devices=1, accelerator="cpu")))
     """)
@@ -214,26 +220,30 @@ def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts
     ck = ckpts["uncond"]
     out = tmp_path / "m.h5"
 
-    def boom(event, b):
-        if event == "sampled" and b == 1:
-            raise RuntimeError("simulated crash")
+    write_part = job.write_part
 
-    monkeypatch.setattr(gen, "_HOOK", boom)
+    def boom(plan, b, *args):
+        if b == 1:  # batch 1 sampled, before its part is written
+            raise RuntimeError("simulated crash")
+        write_part(plan, b, *args)
+
+    monkeypatch.setattr(job, "write_part", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, out=str(out)))
-    monkeypatch.setattr(gen, "_HOOK", None)
+    monkeypatch.setattr(job, "write_part", write_part)
     parts = tmp_path / "m.h5.parts"
     assert not out.exists() and sorted(p.name for p in parts.glob("part-*")) == ["part-000000000.h5"]
 
     # overwrite=true discards the unfinished run of another request (here: another seed) ...
-    def after_merge(event, b):
-        if event == "merged":
-            raise RuntimeError("killed after the output was renamed into place")
+    remove_work_folder = job.remove_work_folder
 
-    monkeypatch.setattr(gen, "_HOOK", after_merge)
+    def after_merge(plan):
+        raise RuntimeError("killed after the output was renamed into place")
+
+    monkeypatch.setattr(job, "remove_work_folder", after_merge)
     with pytest.raises(RuntimeError, match="renamed into place"):
         generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out), overwrite=True))
-    monkeypatch.setattr(gen, "_HOOK", None)
+    monkeypatch.setattr(job, "remove_work_folder", remove_work_folder)
     ref = sample_maps(ck, 6, seed=4, batch_size=2, device="cpu")
     np.testing.assert_array_equal(open_store(out).read(), ref)
     assert _left(tmp_path) == ["m.h5", "m.h5.parts"]
@@ -467,3 +477,124 @@ def test_bench_suite_rows(ckpts):
         assert r["unit"] == "maps/s" and r["value"] > 0 and r["baseline_value"] > 0
         assert math.isclose(r["ratio"], r["value"] / r["baseline_value"])
         assert r["maps"] == f"1x{NPIX}x{NPIX}" and r["device"] == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# The notebook API: lensflow.load, and notebooks/emulator.ipynb
+# --------------------------------------------------------------------------------------------
+
+
+def test_emulator_samples_the_generated_maps_and_evaluates_their_density(tmp_path, ckpts):
+    emu = lensflow.load(ckpts["uncond"], device="cpu")
+    assert emu.param_names == () and emu.map_shape == (1, NPIX, NPIX)
+    assert emu.meta == StoreMeta(2.0, (0.5,), periodic=True)  # the training store's metadata
+    maps = emu.sample(5, seed=2)
+    assert maps.dtype == np.float32 and maps.shape == (5, 1, NPIX, NPIX)
+    out = generate(_cfg(ckpt=str(ckpts["uncond"]), n_maps=5, seed=2, out=str(tmp_path / "m.h5")))
+    np.testing.assert_array_equal(maps, open_store(out).read())  # the same maps as generate
+    lp = emu.log_prob(maps)
+    assert lp.dtype == np.float64 and lp.shape == (5,) and np.isfinite(lp).all()
+    direct = load_glow_module(ckpts["uncond"]).log_prob(torch.from_numpy(maps)).double().numpy()
+    np.testing.assert_allclose(lp, direct, rtol=1e-6)
+    assert emu.log_prob(maps[1])[0] == pytest.approx(lp[1], rel=1e-6)  # one map [C, H, W]
+    np.testing.assert_allclose(emu.log_prob(maps, batch_size=2), lp, rtol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        emu.log_prob(maps[:, :, :8])
+
+
+def test_emulator_takes_conditions_as_a_dict_or_an_array(ckpts):
+    emu = lensflow.load(ckpts["cond"], device="cpu")
+    assert emu.param_names == ("Omega_m", "sigma_8")
+    rows = np.array([[0.25, 0.75], [0.35, 0.85], [0.3, 0.8]])
+    a = emu.sample(3, cond={"Omega_m": rows[:, 0], "sigma_8": rows[:, 1]}, seed=1)
+    b = emu.sample(3, cond=rows, seed=1)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(b, sample_maps(ckpts["cond"], 3, cond=rows, seed=1, device="cpu"))
+    np.testing.assert_array_equal(
+        emu.log_prob(b, cond=rows), emu.log_prob(b, cond={"Omega_m": rows[:, 0], "sigma_8": rows[:, 1]})
+    )
+    one = emu.sample(2, cond={"Omega_m": 0.3, "sigma_8": 0.8})  # scalars broadcast to every map
+    np.testing.assert_array_equal(one, emu.sample(2, cond=[0.3, 0.8]))
+    with pytest.raises(ValueError, match="missing"):
+        emu.sample(2, cond={"Omega_m": 0.3})
+    with pytest.raises(ValueError, match="conditioned"):
+        emu.log_prob(b)
+
+
+def test_import_lensflow_stays_light():
+    heavy = ("torch", "lightning", "numpy", "hydra")
+    code = f"import sys, lensflow; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_emulator_notebook_runs_on_a_tiny_checkpoint(tmp_path, ckpts):
+    papermill = pytest.importorskip("papermill")
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "emulator.ipynb"
+    params = {
+        "ckpt": str(ckpts["cond"]),
+        "simulations": str(ckpts["cond"].with_suffix(".h5")),
+        "split": "all",
+        "n_maps": 8,
+        "device": "cpu",
+    }
+    papermill.execute_notebook(
+        str(nb),
+        str(tmp_path / "out.ipynb"),
+        parameters=params,
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(tmp_path),
+    )
+    done = json.loads((tmp_path / "out.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in done["cells"] for o in c.get("outputs", []))
+    assert "Emulator(2x16x16 maps" in text and "bits/dim" in text and "C_ell: mean |fractional error|" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Output files respect the umask
+# --------------------------------------------------------------------------------------------
+
+
+def test_outputs_are_readable_by_the_group_under_umask_022(tmp_path, ckpts, monkeypatch):
+    ck = str(ckpts["cond"])
+    kw = dict(ckpt=ck, n_maps=2, batch_size=1, cond={"Omega_m": 0.3, "sigma_8": 0.8})
+    old = os.umask(0o022)
+    try:
+        h5 = generate(_cfg(**kw, out=str(tmp_path / "m.h5")))
+        fits = generate(_cfg(**kw, out=str(tmp_path / "mocks.fits"), format="fits", fits_layout="cube"))
+        write_part = job.write_part
+
+        def crash_after_first(plan, b, *args):
+            write_part(plan, b, *args)
+            raise RuntimeError("stop")
+
+        monkeypatch.setattr(job, "write_part", crash_after_first)
+        with pytest.raises(RuntimeError, match="stop"):
+            generate(_cfg(**kw, out=str(tmp_path / "stopped.h5")))
+    finally:
+        os.umask(old)
+    parts = tmp_path / "stopped.h5.parts"
+    for path in (h5, fits, tmp_path / "mocks.fits.json", parts / "job.json", parts / "part-000000000.h5"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_the_yaml_values_are_the_request_defaults(tmp_path):
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    from lensflow.generation import GenerationRequest
+
+    composed = GenerationRequest.from_config(
+        _cfg(ckpt=str(tmp_path / "x.ckpt"), progress=True, accelerator="auto", devices="auto")
+    )
+    assert composed == GenerationRequest(ckpt=tmp_path / "x.ckpt", out=Path("mocks.h5").absolute())
+
+
+def test_the_checkpoint_is_read_once_per_job(tmp_path, ckpts, monkeypatch):
+    import lensflow.checkpoint as checkpoint
+
+    calls = []
+    load = checkpoint.torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: calls.append(a) or load(*a, **k))
+    generate(_cfg(ckpt=str(ckpts["uncond"]), n_maps=5, batch_size=2, out=str(tmp_path / "m.h5")))
+    assert len(calls) == 1  # loaded (and hashed, from the same bytes) once for all three batches

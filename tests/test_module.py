@@ -18,6 +18,8 @@ from lensflow.module import (
     load_glow_module,
     sample_check,
 )
+from lensflow.training.checks import check_options
+from lensflow.training.settings import CheckSettings
 
 SMALL = {"levels": 2, "steps": 2, "hidden": 8}
 
@@ -149,7 +151,9 @@ def trained(tmp_path_factory):
     dm = KappaDataModule(tmp_path / "s.h5", batch_size=8, cond=["Omega_m", "sigma_8"])
     mod = GlowModule(
         model=SMALL,
-        map_meta=dm.map_meta(),
+        meta=dm.meta,
+        npix=dm.npix,
+        store=dm.store_path,
         param_names=dm.param_names,
         optim={"warmup_steps": 1, "lr": 1e-3},
         check={"every": 0},
@@ -232,7 +236,7 @@ class _Stub:
 
     def __init__(self, maps, npix, pix):
         self.maps = torch.from_numpy(maps)
-        self.map_meta = {"pixel_arcmin": pix, "periodic": True, "npix": npix, "channels": 1}
+        self.meta = StoreMeta(pixel_arcmin=pix, source_redshifts=(1.0,), periodic=True)
         self.device = torch.device("cpu")
         self.num_dims = npix * npix
         self.param_names = ()
@@ -273,3 +277,106 @@ def test_padding_follows_the_periodicity_of_the_maps():
     assert GlowModule(model=SMALL, map_meta=_meta(periodic=True)).glow.padding == "circular"
     assert GlowModule(model=SMALL, map_meta=_meta(periodic=False)).glow.padding == "zero"
     assert GlowModule(model={**SMALL, "padding": "zero"}, map_meta=_meta(periodic=True)).glow.padding == "zero"
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints written before the training package, and the check against validate
+# --------------------------------------------------------------------------------------------
+
+
+def _as_old_format(path, dest):
+    """The checkpoint as lensflow 0.1 wrote it: hyper_parameters with a ``map_meta`` dict (from
+    ``KappaDataModule.map_meta()``), the model settings as given, the merged optim/check dicts."""
+    ck = torch.load(path, weights_only=True)
+    hp = ck["hyper_parameters"]
+    meta = hp["meta"]
+    map_meta = {
+        "pixel_arcmin": meta["pixel_arcmin"],
+        "source_redshifts": meta["source_redshifts"],
+        "periodic": meta["periodic"],
+        "npix": hp["npix"],
+        "channels": len(meta["source_redshifts"]),
+        "kind": meta["kind"],
+        "store": hp["store"],
+        "n_train": 38,
+        "n_val": 5,
+    }
+    ck["hyper_parameters"] = {
+        "model": dict(SMALL),
+        "map_meta": map_meta,
+        "param_names": hp["param_names"],
+        "optim": {**hp["optim"], "betas": list(hp["optim"]["betas"])},
+        "check": hp["check"],
+        "seed": hp["seed"],
+        "config": hp["config"],
+    }
+    ck["lensflow"]["data"] = {"store": hp["store"], "meta": map_meta, "param_names": hp["param_names"]}
+    torch.save(ck, dest)
+    return dest
+
+
+def test_a_checkpoint_in_the_old_format_still_loads_and_samples_the_same_maps(trained, tmp_path):
+    from lensflow.generate import sample_maps
+
+    mod, _, path = trained
+    old = _as_old_format(path, tmp_path / "old.ckpt")
+    assert "map_meta" in torch.load(old, weights_only=True)["hyper_parameters"]
+    noise = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
+    cond = {"Omega_m": 0.3, "sigma_8": 0.8}
+    for loaded in (GlowModule.load_from_checkpoint(old), load_glow_module(old), GlowModule.load(old)):
+        assert loaded.param_names == ("Omega_m", "sigma_8")
+        assert loaded.map_meta["npix"] == 16 and loaded.npix == 16
+        assert loaded.meta == StoreMeta(pixel_arcmin=2.0, source_redshifts=(1.0,))
+        assert loaded.store == mod.store
+        assert torch.equal(loaded.sample(3, cond=cond, noise=noise), mod.sample(3, cond=cond, noise=noise))
+        assert "meta" in loaded.hparams and "map_meta" not in loaded.hparams  # saved again: the new format
+    np.testing.assert_array_equal(
+        sample_maps(old, 4, cond=cond, device="cpu"), sample_maps(path, 4, cond=cond, device="cpu")
+    )
+
+
+def test_the_training_check_gives_validates_numbers_for_the_same_maps(tmp_path):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lensflow.validate import validate
+
+    ref = _grf(64, 32, 0).astype(np.float32)
+    cand = (1.05 * _grf(64, 32, 1)).astype(np.float32)
+    meta = StoreMeta(pixel_arcmin=2.0, source_redshifts=(1.0,), periodic=True)
+    write_store(tmp_path / "ref.h5", ref, meta)
+    write_store(tmp_path / "cand.h5", cand, StoreMeta(2.0, (1.0,), periodic=True, kind="mock"))
+    chk = CheckSettings(smoothing_arcmin=4.0, n_bins=12)
+    check = sample_check(_Stub(cand, 32, 2.0), ref, check=chk)
+    opts = check_options(chk, meta)
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="validate",
+            overrides=[
+                f"reference={tmp_path / 'ref.h5'}",
+                f"candidate={tmp_path / 'cand.h5'}",
+                f"out={tmp_path / 'val'}",
+                "reference_split=all",
+                "candidate_split=all",
+                "max_maps=null",
+                f"statistics=[{','.join(opts['statistics'])}]",
+                f"smoothing_arcmin={opts['smoothing_arcmin']}",
+                f"bins.peak_edges={opts['bins']['peak_edges']}",
+                f"bins.pdf_edges={opts['bins']['pdf_edges']}",
+                "memorization.enabled=false",
+                "figures.enabled=false",
+                "progress=false",
+                "device=cpu",
+            ],
+        )
+    GlobalHydra.instance().clear()
+    summary = validate(cfg)
+    rows = {r["statistic"]: r for r in summary["table"]}
+    assert set(check["bins"]) == {"cl", "peaks", "pdf"}
+    for key, b in check["bins"].items():
+        name = b["name"]
+        ours = [float(v) if np.isfinite(v) else None for v in b["frac"]]  # summary.json's form of NaN/inf
+        assert ours == summary["statistics"][name]["frac_error_mean"]  # bin by bin, bit for bit
+        assert check["metrics"][f"{key}_frac_max"] == rows[name]["max_abs_frac_error"]
+    assert check["metrics"]["cl_frac_mean"] > 0.05  # 1.05^2: the C_ell are 10 % high

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -423,3 +424,34 @@ def test_ddp_cpu_two_processes_stay_in_sync(tmp_path, data_dir):
 
     last = load_glow_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ParamDigest.digest(last).hex() == dig["digests"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# One default per knob; output modes
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_yaml_values_are_the_library_defaults():
+    from lensflow.training.callbacks import CallbackSettings
+    from lensflow.training.settings import CheckSettings, ModelSettings, OptimSettings
+
+    cfg = _cfg()
+    assert ModelSettings.from_mapping(cfg.model) == ModelSettings()
+    assert OptimSettings.from_mapping(cfg.optim) == OptimSettings()
+    assert CheckSettings.from_mapping(cfg.check) == CheckSettings()
+    assert CallbackSettings.from_mapping(cfg.callbacks) == CallbackSettings()
+
+
+def test_train_outputs_are_readable_by_the_group_under_umask_022(data_dir, tmp_path):
+    cfg = _cfg(*TINY, f"paths.data_dir={data_dir}", f"paths.run_dir={tmp_path}")
+    old = os.umask(0o022)
+    try:
+        res = train(cfg)
+    finally:
+        os.umask(old)
+    files = [Path(res["summary_path"]), Path(res["samples"]), Path(res["best_checkpoint"])]
+    files += [tmp_path / "final.json", tmp_path / "final_maps.png", tmp_path / "final_stats.png"]
+    files += sorted((tmp_path / "checks").iterdir())
+    assert len(files) > 6
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -3,7 +3,7 @@
 For each model (the architecture of ``conf/experiment/NAME.yaml`` with random weights: throughput does
 not depend on training; or a trained checkpoint via ``ckpt``) and device (CPU, and CUDA when present):
 
-* ``lensflow generate``: :func:`lensflow.generate.generate` end to end, in one process: checkpoint load
+* ``lensflow generate``: :func:`lensflow.generation.generate` end to end, in one process: checkpoint load
   and sha256, per-map seeded latent streams, batched sampling, the finite check, one atomic HDF5 part per
   batch and the final merge into the output store.
 * baseline ``one map per call``: the same model and weights drawing one map per ``module.sample(1)``
@@ -17,6 +17,7 @@ Both measurements run in the same process on the same weights; timings on CUDA s
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Mapping
@@ -54,7 +55,8 @@ def build_module(name: str, seed: int = 0) -> Any:
     """
     from omegaconf import OmegaConf
 
-    from lensflow.module import GlowModule
+    from lensflow.mapstore import StoreMeta
+    from lensflow.training import GlowModule
 
     cfg = _experiment(name)
     sim = cfg.data.simulate
@@ -63,18 +65,10 @@ def build_module(name: str, seed: int = 0) -> Any:
     npix = int(sim.npix)
     names = list(cfg.data.cond or [])
     grid = OmegaConf.to_container(sim.grid, resolve=True) if sim.get("grid") else {}
-    map_meta = {
-        "channels": len(zs),
-        "npix": npix,
-        "pixel_arcmin": float(sim.pixel_arcmin),
-        "source_redshifts": zs,
-        "periodic": bool(sim.sim.get("periodic", False)),
-        "kind": "simulation",
-        "store": None,
-    }
+    meta = StoreMeta(float(sim.pixel_arcmin), tuple(zs), periodic=bool(sim.sim.get("periodic", False)))
     model = OmegaConf.to_container(cfg.model, resolve=True)
     module = GlowModule(
-        model=model, map_meta=map_meta, param_names=names, check={"every": 0, "final": False}, seed=seed
+        model=model, meta=meta, npix=npix, param_names=names, check={"every": 0, "final": False}, seed=seed
     )
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((4, len(zs), npix, npix))  # 4 x npix^2 pixels: plenty for ActNorm statistics
@@ -133,8 +127,8 @@ def _batch(batch: Mapping[str, Any], device: str, model: str) -> int:
 
 def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows of maps/s for each model and device (see the module docstring); best of ``repeats``."""
-    from lensflow.generate import generate
-    from lensflow.module import load_glow_module
+    from lensflow.generation import GenerationRequest, generate
+    from lensflow.training import GlowModule
 
     models = list(cfg.get("models") or ["kappa_quick", "kappa"])
     ckpt = cfg.get("ckpt")
@@ -151,8 +145,8 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         for name, path in targets:
             if path is None:
                 path = _save_checkpoint(build_module(name, seed), Path(tmp) / f"{name}.ckpt")
-            module = load_glow_module(path)
-            mm = module.map_meta
+            module = GlowModule.load(path)
+            channels, npix, _ = module.map_shape
             n_params = sum(p.numel() for p in module.glow_ema.parameters())
             cond = _cond(module)
             for dev_name in devices:
@@ -167,19 +161,21 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                 def raw(m: Any = module, g: torch.Generator = g, B: int = B, c: Any = cond) -> Any:
                     return m.sample(B, cond=c, generator=g)
 
-                gcfg = {
-                    "ckpt": str(path),
-                    "batch_size": B,
-                    "seed": seed,
-                    "accelerator": dev_name,
-                    "devices": 1,
-                    "progress": False,
-                    "overwrite": True,
-                    "cond": cond or {},
-                }
+                request = GenerationRequest(
+                    ckpt=path,
+                    out=Path(tmp) / "warm.h5",
+                    n_maps=B,
+                    batch_size=B,
+                    seed=seed,
+                    accelerator=dev_name,
+                    devices=1,
+                    progress=False,
+                    overwrite=True,
+                    cond=cond or {},
+                )
                 # warm-up of every path (kernels, caches, cuDNN autotuning, file system)
                 one(), raw()
-                generate({**gcfg, "n_maps": B, "out": str(Path(tmp) / "warm.h5")})
+                generate(request)
                 best = {"one": 0.0, "raw": 0.0, "gen": 0.0}
                 n = 0
                 for _ in range(repeats):  # interleaved, so a busy spell on the machine hits all three
@@ -189,7 +185,7 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                     n = n or max(2 * B, int(np.ceil(best["raw"] * 4 * min_s / B)) * B)
                     _sync(device)
                     t0 = time.perf_counter()
-                    generate({**gcfg, "n_maps": n, "out": str(Path(tmp) / "mocks.h5")})
+                    generate(dataclasses.replace(request, n_maps=n, out=Path(tmp) / "mocks.h5"))
                     _sync(device)
                     best["gen"] = max(best["gen"], n / (time.perf_counter() - t0))
                 common = {
@@ -197,7 +193,7 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "device": dev_name,
                     "params": n_params,
                     "batch": B,
-                    "maps": f"{mm['channels']}x{mm['npix']}x{mm['npix']}",
+                    "maps": f"{channels}x{npix}x{npix}",
                     "n_generated": n,
                     "threads": torch.get_num_threads() if dev_name == "cpu" else None,
                 }

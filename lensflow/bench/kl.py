@@ -64,9 +64,9 @@ def build_glow(channels: int, npix: int, model: Mapping[str, Any], periodic: boo
             "log_shift": bool(model.get("log_shift", False)),
             "margin": float(model.get("margin", 1.0)),
             "shift_method": str(model.get("shift_method", "margin")),
-            "init_seed": seed,
             **cfg,
-        }
+        },
+        init_seed=seed,
     )
 
 

@@ -182,8 +182,9 @@ class Glow(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Glow:
-        """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics)."""
+    def from_config(cls, config: dict[str, Any], *, init_seed: int | None = None) -> Glow:
+        """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics); ``init_seed`` as
+        in the constructor. ``log_shift``, ``margin`` and ``shift_method`` configure the :class:`Preprocess`."""
         cfg = dict(config)
         pre = Preprocess(
             cfg["in_channels"],
@@ -191,7 +192,7 @@ class Glow(nn.Module):
             margin=cfg.pop("margin", 1.0),
             shift_method=cfg.pop("shift_method", "margin"),
         )
-        return cls(preprocess=pre, **cfg)
+        return cls(preprocess=pre, init_seed=init_seed, **cfg)
 
     # -- checks -------------------------------------------------------------------------------------------
     def _check_x(self, x: Tensor) -> None:

@@ -120,6 +120,16 @@ def batches(store: MapStore, idx: np.ndarray, batch: int) -> Iterator[np.ndarray
         yield store.read(idx[lo : lo + batch])
 
 
+def _as_float(maps: Maps, dtype: Any) -> np.ndarray:
+    """Maps as ``dtype`` (``None``: their own float dtype, float32 or float64), C order."""
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().cpu().numpy()
+    arr = np.asarray(maps)
+    if dtype is None:
+        dtype = arr.dtype if arr.dtype in (np.float32, np.float64) else np.float64
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
 def _as_float32(maps: Maps) -> np.ndarray:
     """Maps as the store holds them (float32, C order), so arrays and stores give the same numbers."""
     if isinstance(maps, torch.Tensor):
@@ -243,15 +253,17 @@ def statistics_of(
     seed: int = 0,
     device: torch.device | str = "cpu",
     batch_size: int = 128,
+    dtype: Any = np.float32,
 ) -> dict[str, np.ndarray]:
     """Per-map statistics {name: float64 [N, F]} of maps ``[N, C, H, W]`` in memory.
 
-    The maps are measured in float32, as a map store holds them; the shape noise (if any) comes from
-    one torch generator seeded with ``seed`` and carried across batches, so every map gets its own
-    realisation and the result equals :func:`compute_statistics` of the same maps in a store.
+    The maps are measured as ``dtype``: float32 by default, as a map store holds them (``None`` keeps
+    their own float dtype); the shape noise (if any) comes from one torch generator seeded with ``seed`` and carried
+    across batches, so every map gets its own realisation and the result equals
+    :func:`compute_statistics` of the same maps in a store.
     """
     batch = _check_batch(batch_size)
-    arr = _as_float32(maps)
+    arr = _as_float(maps, dtype)
     return _measure((arr[lo : lo + batch] for lo in range(0, arr.shape[0], batch)), config, seed, device, None)
 
 

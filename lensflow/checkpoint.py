@@ -1,0 +1,168 @@
+"""The lensflow checkpoint format: the ``"lensflow"`` entry, reading a checkpoint, refusing NaN/Inf.
+
+A checkpoint is a Lightning checkpoint of plain data, so ``torch.load(path, weights_only=True)`` reads it:
+
+* ``state_dict``: ``glow.*`` (raw weights, which the optimizer state belongs to), ``glow_ema.*`` (the EMA
+  weights used for sampling), ``cond_mean``/``cond_std`` (physical units) and ``ema_steps``;
+* ``hyper_parameters``: plain dicts ``model, meta, npix, store, param_names, optim, check, seed, config``,
+  where ``meta`` is the training store's :meth:`lensflow.mapstore.StoreMeta.to_dict`. Older checkpoints
+  (lensflow 0.1 before the training/generation split) hold a ``map_meta`` dict instead of
+  ``meta/npix/store``; :func:`training_maps` reads both;
+* ``"lensflow"``: format version, model kind ``"glow"``, the resolved run config, the training data
+  (store path, metadata, map side, parameter names) and a provenance record;
+* ``"lensflow_counters"``: the non-finite step counters of the run.
+
+This module knows the format only, not the model class that is built from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lensflow import __version__
+from lensflow._util.hashing import sha256_file
+from lensflow.mapstore import StoreMeta
+
+__all__ = [
+    "MODEL_KIND",
+    "NonFiniteCheckpointError",
+    "lensflow_entry",
+    "read_checkpoint",
+    "read_checkpoint_hashed",
+    "refuse_nonfinite",
+    "training_maps",
+]
+
+MODEL_KIND = "glow"
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """Refused to write a checkpoint with NaN/Inf parameters or optimizer state."""
+
+    exit_code = 1
+
+
+def refuse_nonfinite(checkpoint: Mapping[str, Any]) -> None:
+    """Raise :class:`NonFiniteCheckpointError` if a weight or optimizer tensor holds NaN/Inf."""
+    for name, t in checkpoint.get("state_dict", {}).items():
+        if _bad(t):
+            raise NonFiniteCheckpointError(f"refusing to write a checkpoint: {name} has NaN/Inf values")
+    for i, st in enumerate(checkpoint.get("optimizer_states", [])):
+        for pid, s in st.get("state", {}).items():
+            for k, t in s.items():
+                if _bad(t):
+                    raise NonFiniteCheckpointError(
+                        f"refusing to write a checkpoint: optimizer {i} state {k!r} of parameter {pid} "
+                        "has NaN/Inf values"
+                    )
+
+
+def _bad(t: Any) -> bool:
+    return torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+
+def lensflow_entry(
+    *,
+    config: Any,
+    meta: StoreMeta,
+    npix: int,
+    store: str | None,
+    param_names: Sequence[str],
+    provenance: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``"lensflow"`` entry of a checkpoint (plain data)."""
+    return {
+        "version": __version__,
+        "model": MODEL_KIND,
+        "config": config,
+        "data": {"store": store, "meta": meta.to_dict(), "npix": int(npix), "param_names": list(param_names)},
+        "provenance": dict(provenance),
+    }
+
+
+def training_maps(hparams: Mapping[str, Any]) -> tuple[StoreMeta, int, str | None]:
+    """``(meta, npix, store)`` of the training maps from a checkpoint's hyperparameters (either format)."""
+    if hparams.get("map_meta") is not None and hparams.get("meta") is None:
+        return legacy_maps(hparams["map_meta"])
+    meta = hparams.get("meta")
+    if meta is None or hparams.get("npix") is None:
+        raise ValueError("hyper_parameters: no training-map metadata (meta/npix, or map_meta)")
+    meta = meta if isinstance(meta, StoreMeta) else StoreMeta.from_dict(meta)
+    store = hparams.get("store")
+    return meta, int(hparams["npix"]), None if store is None else str(store)
+
+
+def legacy_maps(map_meta: Mapping[str, Any]) -> tuple[StoreMeta, int, str | None]:
+    """``(meta, npix, store)`` from the ``map_meta`` dict of older checkpoints (see the module docstring)."""
+    mm = dict(map_meta)
+    for key in ("channels", "npix", "pixel_arcmin"):
+        if key not in mm:
+            raise ValueError(f"map_meta: missing {key!r}")
+    channels = int(mm["channels"])
+    zs = mm.get("source_redshifts")
+    zs = [math.nan] * channels if zs is None else [math.nan if z is None else float(z) for z in zs]
+    if len(zs) != channels:
+        raise ValueError(f"map_meta: {len(zs)} source_redshifts for {channels} channels")
+    meta = StoreMeta(
+        pixel_arcmin=float(mm["pixel_arcmin"]),
+        source_redshifts=tuple(zs),
+        periodic=bool(mm.get("periodic", False)),
+        kind=str(mm.get("kind") or "simulation"),
+    )
+    store = mm.get("store")
+    return meta, int(mm["npix"]), None if store is None else str(store)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    """Load a lensflow Glow checkpoint dict (``weights_only=True``), or raise a one-line ``ValueError``
+    naming the file. ``mmap`` maps the tensors instead of reading them (cheap when only the
+    hyperparameters are needed)."""
+    p = _existing(path)
+    return _checked(_load(p, p, map_location, mmap), p)
+
+
+def read_checkpoint_hashed(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, Any], str]:
+    """:func:`read_checkpoint` and the file's SHA-256, from one read of the file."""
+    p = _existing(path)
+    if p.stat().st_size > 1 << 31:  # very large files: hash and load separately rather than hold the bytes
+        return read_checkpoint(p, map_location), sha256_file(p)
+    data = p.read_bytes()
+    ckpt = _checked(_load(io.BytesIO(data), p, map_location), p)
+    return ckpt, hashlib.sha256(data).hexdigest()
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: checkpoint not found")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory, not a checkpoint file")
+    return p
+
+
+def _load(src: Any, p: Path, map_location: Any, mmap: bool = False) -> Any:
+    try:
+        return torch.load(src, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any unpickling/format problem is a bad file to the user
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ValueError(f"{p}: not a readable lensflow checkpoint ({type(e).__name__}: {first})") from None
+
+
+def _checked(ckpt: Any, p: Path) -> dict[str, Any]:
+    if not isinstance(ckpt, dict) or "lensflow" not in ckpt:
+        raise ValueError(f"{p}: not a lensflow checkpoint (no 'lensflow' entry)")
+    info = ckpt["lensflow"]
+    kind = info.get("model") if isinstance(info, dict) else None
+    if kind != MODEL_KIND:
+        raise ValueError(f"{p}: a lensflow checkpoint of model kind {kind!r}, not {MODEL_KIND!r}")
+    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{p}: lensflow checkpoint without hyper_parameters/state_dict")
+    return ckpt

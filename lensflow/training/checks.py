@@ -1,0 +1,220 @@
+"""The sample check: maps drawn from the model against validation maps, measured and compared by validate.
+
+It is ``python -m lensflow.validate`` on arrays in memory, not a second validator: the statistics (C_ℓ; peak
+counts and pixel PDF after Gaussian smoothing), their bins (from the reference maps only: ν edges in
+units of their smoothed σ, a border of 2 × the smoothing scale on non-periodic maps) and the metrics come
+from :func:`lensflow.validation.summary_config_for`, :func:`lensflow.validation.statistics_of` and
+:func:`lensflow.compare.compare`, so the same maps give validate's numbers. The logged metrics are
+validate's fractional error of the mean per bin, ``(μ_sample - μ_ref) / |μ_ref|``, summarised by its
+maximum and mean absolute value over the bins whose reference mean is measured (|μ_ref| > 3 standard
+errors, the rule of :func:`lensflow.compare.summary_rows`): ``cl_frac_max``, ``cl_frac_mean``,
+``peaks_frac_max``, ``peaks_frac_mean``, ``pdf_frac_max``, ``pdf_frac_mean``; plus ``std_ratio`` (pixel
+standard deviations), ``n_samples`` and ``nonfinite_samples`` (dropped before measuring).
+
+:class:`SampleCheck` runs it during training (rank 0, every ``check.every`` epochs) and logs the metrics
+and figures; :mod:`lensflow.training.run` runs it on the best checkpoint at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from lensflow._util.atomic import write_json
+from lensflow._util.log import get_logger
+from lensflow._util.plain import to_plain
+from lensflow._util.seeds import child_ints
+from lensflow.compare import compare
+from lensflow.mapstore import StoreMeta
+from lensflow.stats import summary_bins
+from lensflow.training.figures import check_figures
+from lensflow.training.settings import CheckSettings
+from lensflow.validation import statistics_of, summary_config_for
+
+__all__ = ["METRICS", "SampleCheck", "check_options", "sample_check"]
+
+log = get_logger(__name__)
+
+#: The check's statistics (names of :func:`lensflow.stats.summarize`).
+STATISTICS = ("cl", "peaks", "pdf")
+#: Maps per set below which there are no metrics (NaN): :func:`lensflow.compare.compare` needs 4.
+MIN_MAPS = 4
+METRICS = (
+    "cl_frac_max",
+    "cl_frac_mean",
+    "peaks_frac_max",
+    "peaks_frac_mean",
+    "pdf_frac_max",
+    "pdf_frac_mean",
+)
+
+
+def check_options(check: CheckSettings, meta: StoreMeta) -> dict[str, Any]:
+    """The validate options (shaped like conf/validate.yaml) the check measures with.
+
+    One smoothing scale (``check.smoothing_arcmin``, default 2 pixels), no shape noise, ``check.n_bins``
+    bins over validate's default ν ranges of peaks (-2..6) and the PDF (-4..6); everything else is
+    validate's default.
+    """
+    sigma = 2.0 * meta.pixel_arcmin if check.smoothing_arcmin is None else float(check.smoothing_arcmin)
+    n = check.n_bins
+    return {
+        "statistics": list(STATISTICS),
+        "smoothing_arcmin": [sigma],
+        "noise": {"model": "none"},
+        "bins": {
+            "peak_edges": np.linspace(-2.0, 6.0, n + 1).tolist(),
+            "pdf_edges": np.linspace(-4.0, 6.0, n + 1).tolist(),
+        },
+    }
+
+
+@torch.no_grad()
+def draw_samples(
+    module: Any, n: int, cond: Any, check: CheckSettings, seed: int, device: torch.device | str | None
+) -> np.ndarray:
+    """``n`` maps from the module's EMA weights at ``check.temperature``, latents from one seeded CPU stream."""
+    dev = torch.device(device) if device is not None else module.device
+    noise = torch.randn(n, module.num_dims, generator=torch.Generator(device="cpu").manual_seed(int(seed)))
+    x = module.sample(n, cond=cond, temperature=check.temperature, noise=noise.to(dev), batch_size=check.batch_size)
+    return x.detach().cpu().numpy()
+
+
+def sample_check(
+    module: Any,
+    ref_maps: np.ndarray,
+    ref_params: np.ndarray | None = None,
+    *,
+    check: CheckSettings | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    tag: str = "check",
+    device: torch.device | str | None = None,
+    keep_samples: bool = False,
+) -> dict[str, Any]:
+    """Sample as many maps as ``ref_maps`` (with ``ref_params`` as conditions) and compare them.
+
+    Returns ``{"metrics": {...}, "figures": {name: path}, "bins": {...}, "samples": array or None}``
+    (``bins``: per statistic the bin centres and both means; the samples only with ``keep_samples``).
+    With ``out_dir``, ``<tag>.json`` and the figures ``<tag>_maps.png``, ``<tag>_stats.png`` go there.
+    """
+    chk = CheckSettings.from_mapping(check)
+    meta: StoreMeta = module.meta
+    ref = np.asarray(ref_maps)
+    n = ref.shape[0]
+    samples = draw_samples(module, n, ref_params if module.param_names else None, chk, seed, device)
+    good = np.isfinite(samples).reshape(n, -1).all(axis=1)
+    s = samples[good]
+    metrics: dict[str, float] = {"n_samples": float(n), "nonfinite_samples": float(n - good.sum())}
+    bins: dict[str, Any] = {}
+    figures: dict[str, str] = {}
+    if min(s.shape[0], n) < MIN_MAPS:
+        log.warning("sample check %s: %d finite samples of %d maps, too few to compare (%d)", tag, len(s), n, MIN_MAPS)
+        metrics.update(dict.fromkeys(METRICS, math.nan))
+    else:
+        result, bins = compare_maps(ref, s, check_options(chk, meta), meta, seed)
+        metrics.update(metrics_of(result))
+        ref_std = float(ref.std(dtype=np.float64))
+        metrics["std_ratio"] = float(s.std(dtype=np.float64)) / ref_std if ref_std > 0 else math.nan
+    if out_dir is not None:
+        out = Path(out_dir)
+        if bins:
+            figures = check_figures(ref, s, bins, meta, out, tag)
+        write_json(out / f"{tag}.json", to_plain({"metrics": metrics, "bins": bins}, nan_to_none=True))
+    return {"metrics": metrics, "figures": figures, "bins": bins, "samples": samples if keep_samples else None}
+
+
+def compare_maps(
+    ref: np.ndarray, cand: np.ndarray, options: Mapping[str, Any], meta: StoreMeta, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate's comparison of two sets of maps in memory: the :func:`lensflow.compare.compare` result and,
+    per statistic, ``{"x": bin centres, "reference": mean, "sample": mean, "frac": fractional error}``.
+
+    Seeds as in validate: ``child_ints(seed, 5)`` gives (subsets, noise of each set, the σ behind ν).
+    """
+    _, _, s_noise_r, s_noise_c, s_sigma = child_ints(seed, 5)
+    config = summary_config_for(options, meta, ref, seed=s_sigma)
+    rs = statistics_of(ref, config, seed=s_noise_r, dtype=None)
+    cs = statistics_of(cand, config, seed=s_noise_c, dtype=None)
+    result = compare(rs, cs)
+    xs = summary_bins(config, ref.shape[-1], ref.shape[1])
+    bins = {
+        _short(name): {
+            "name": name,
+            "x": xs[name],
+            "reference": r["mean_reference"],
+            "sample": r["mean_candidate"],
+            "frac": r["frac_error_mean"],
+        }
+        for name, r in result["statistics"].items()
+    }
+    return result, bins
+
+
+def _short(name: str) -> str:
+    """``peaks@4.0arcmin`` -> ``peaks``: the check has one smoothing scale."""
+    return name.split("@")[0]
+
+
+def measured_bins(stat: Mapping[str, Any]) -> np.ndarray:
+    """Bins whose reference mean is measured, |μ_ref| > 3 σ_ref / sqrt(N_ref) (:func:`compare.summary_rows`)."""
+    mr, sr = np.asarray(stat["mean_reference"], float), np.asarray(stat["std_reference"], float)
+    return np.abs(mr) > 3 * sr / math.sqrt(stat["n_reference"])
+
+
+def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
+    """The check's metrics from a :func:`lensflow.compare.compare` result (see the module docstring)."""
+    out: dict[str, float] = {}
+    for name, stat in result["statistics"].items():
+        frac = np.abs(np.asarray(stat["frac_error_mean"], float))
+        use = measured_bins(stat) & np.isfinite(frac)
+        key = _short(name)
+        out[f"{key}_frac_max"] = float(frac[use].max()) if use.any() else math.nan
+        out[f"{key}_frac_mean"] = float(frac[use].mean()) if use.any() else math.nan
+    return out
+
+
+class SampleCheck(L.Callback):
+    """The sample check during training: every ``check.every`` epochs, on rank 0, against the first
+    ``check.n_samples`` validation maps; metrics logged as ``check/<name>``, figures and JSON written to
+    ``<run_dir>/checks/`` and handed to loggers that take images."""
+
+    def __init__(self, check: CheckSettings, seed: int) -> None:
+        self.check = check
+        self.seed = int(seed)
+        self._ref: tuple[np.ndarray, np.ndarray] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        every = self.check.every
+        if trainer.sanity_checking or every <= 0 or (trainer.current_epoch + 1) % every:
+            return
+        dm = getattr(trainer, "datamodule", None)
+        if not trainer.is_global_zero or dm is None or not hasattr(dm, "eval_maps"):
+            return
+        if self._ref is None:
+            self._ref = dm.eval_maps("val", self.check.n_samples)
+        tag = f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}"
+        res = sample_check(
+            pl_module,
+            *self._ref,
+            check=self.check,
+            seed=self.seed + trainer.current_epoch,
+            out_dir=Path(trainer.default_root_dir) / "checks",
+            tag=tag,
+        )
+        for k, v in res["metrics"].items():
+            pl_module.log(f"check/{k}", float(v), rank_zero_only=True)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                for name, path in res["figures"].items():
+                    try:
+                        logger.log_image(key=f"check/{name}", images=[str(path)], step=trainer.global_step)
+                    except Exception as e:  # noqa: BLE001 - a logger hiccup must not kill a long run
+                        log.warning("could not log image %s to %s: %s", path, type(logger).__name__, e)
