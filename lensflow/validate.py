@@ -5,23 +5,17 @@ The command (config ``conf/validate.yaml``): :func:`lensflow.validation.validate
 one fails, 2 on bad input (one line ``error: ...`` on stderr). The verdict is logged on stderr.
 
 The old names of this module (the measurement, the stats file, figures, HTML, notebook) are
-re-exported from :mod:`lensflow.validation` and :mod:`lensflow.report` for one release.
+re-exported from :mod:`lensflow.validation`; the figure, HTML and notebook names resolve lazily from
+:mod:`lensflow.report` with a ``DeprecationWarning`` (a command module imports only its own job), for one release.
 """
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from typing import Any
 
 from lensflow import cli
-from lensflow.report.figures import (
-    feature_groups,
-    plot_correlation,
-    plot_nearest_neighbour,
-    plot_sample_maps,
-    plot_statistic,
-)
-from lensflow.report.html import render_html, verdict_table_html
-from lensflow.report.notebook import execute_notebook
 from lensflow.validation.measure import (
     build_summary_config,
     compute_statistics,
@@ -35,23 +29,34 @@ from lensflow.validation.statsfile import load_report, read_stats, write_stats
 __all__ = [
     "build_summary_config",
     "compute_statistics",
-    "execute_notebook",
-    "feature_groups",
     "load_report",
     "main",
-    "plot_correlation",
-    "plot_nearest_neighbour",
-    "plot_sample_maps",
-    "plot_statistic",
     "read_stats",
-    "render_html",
     "select_indices",
     "statistics_of",
     "summary_config_for",
     "validate",
-    "verdict_table_html",
     "write_stats",
 ]
+
+
+#: Old names of this module that moved to the report package.
+_MOVED = {
+    **dict.fromkeys(
+        ("feature_groups", "plot_correlation", "plot_nearest_neighbour", "plot_sample_maps", "plot_statistic"),
+        "lensflow.report.figures",
+    ),
+    "render_html": "lensflow.report.html",
+    "verdict_table_html": "lensflow.report.html",
+    "execute_notebook": "lensflow.report.notebook",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"lensflow.validate.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'lensflow.validate' has no attribute {name!r}")
 
 
 def _exit_code(summary: dict[str, Any]) -> int:

@@ -191,7 +191,7 @@ KNOWN_HASHES = {
     (): "144c54dedc37",  # python -m lensflow.train (data.simulate)
     ("+experiment=kappa",): "cb14293796c6",
     ("+experiment=kappa_cond",): "dd031d4f32e4",
-    ("+experiment=kappa_quick",): "f185898f62e5",
+    ("+experiment=kappa_quick",): "e4e3e449fdce",  # 10,000 maps since issue 12 (was f185898f62e5 with 4,000)
 }
 
 

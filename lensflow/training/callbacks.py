@@ -18,6 +18,7 @@ from lensflow._util.atomic import write_json
 from lensflow._util.checks import check_bool, check_int, check_optional_int
 from lensflow._util.plain import to_plain
 from lensflow.training.checks import SampleCheck
+from lensflow.training.kl import KLGap
 from lensflow.training.settings import CheckSettings
 
 __all__ = ["CallbackSettings", "Callbacks", "FinalLast", "ParamDigest", "make_callbacks"]
@@ -134,6 +135,8 @@ def make_callbacks(
     out: list[Callback] = [best, last, FinalLast(last, ckpt_dir / "last.ckpt")]
     if check.every > 0:
         out.append(SampleCheck(check, seed))
+    if check.kl_maps > 0 or check.kl_train_maps > 0:
+        out.append(KLGap(check.kl_maps, check.kl_train_maps))
     if progress_bar:
         out.append(TQDMProgressBar(refresh_rate=settings.progress_bar_refresh_rate))
     if settings.param_digest:

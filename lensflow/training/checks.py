@@ -143,7 +143,7 @@ def compare_maps(
     config = summary_config_for(options, meta, ref, seed=s_sigma)
     rs = statistics_of(ref, config, seed=s_noise_r, dtype=None)
     cs = statistics_of(cand, config, seed=s_noise_c, dtype=None)
-    result = compare(rs, cs)
+    result = compare(rs, cs, seed=seed)
     xs = summary_bins(config, ref.shape[-1], ref.shape[1])
     bins = {
         _short(name): {
@@ -156,6 +156,24 @@ def compare_maps(
         for name, r in result["statistics"].items()
     }
     return result, bins
+
+
+def full_verdict(ref: np.ndarray, samples: np.ndarray, meta: StoreMeta, seed: int) -> dict[str, Any]:
+    """``python -m lensflow.validate``'s default comparison (every statistic, both smoothing scales, permutation-
+    calibrated verdict and omnibus test) of finite ``samples`` against ``ref``: pass, failures and sizes."""
+    s = samples[np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)]
+    if min(len(s), len(ref)) < MIN_MAPS:
+        return {"pass": None, "failures": [f"too few maps to compare ({len(s)} samples, {len(ref)} references)"]}
+    result, _ = compare_maps(ref, s, {}, meta, seed)
+    n = min(len(ref), len(s))
+    return {
+        "pass": bool(result["pass"]),
+        "failures": list(result["failures"]),
+        "n_reference": int(result["n_reference"]),
+        "n_candidate": int(result["n_candidate"]),
+        "omnibus_pvalue": float(result["omnibus"]["pvalue"]),
+        "noise_limited": n < 1000,
+    }
 
 
 def _short(name: str) -> str:

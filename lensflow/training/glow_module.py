@@ -39,7 +39,7 @@ from lensflow.flows import ActNorm, Glow
 from lensflow.mapstore import StoreMeta
 from lensflow.provenance import provenance
 from lensflow.training.schedule import WarmupCosine, ema_decay, ema_update_
-from lensflow.training.settings import CheckSettings, ModelSettings, OptimSettings
+from lensflow.training.settings import LEGACY_MODEL, CheckSettings, ModelSettings, OptimSettings
 
 __all__ = [
     "MODEL_KIND",
@@ -91,6 +91,8 @@ class GlowModule(L.LightningModule):
         meta, npix, store = training_maps(
             {"meta": meta, "npix": npix, "store": None if store is None else str(store), "map_meta": map_meta}
         )
+        if map_meta is not None and isinstance(model, Mapping):  # a lensflow 0.1 checkpoint: its own defaults
+            model = {**LEGACY_MODEL, **model}
         settings = ModelSettings.from_mapping(model)
         self.optim_settings = OptimSettings.from_mapping(optim)
         names = [str(p) for p in (param_names or ())]

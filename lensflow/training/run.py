@@ -27,9 +27,10 @@ from lensflow.checkpoint import MODEL_KIND, read_checkpoint, training_maps
 from lensflow.mapstore import write_store
 from lensflow.provenance import provenance
 from lensflow.training.callbacks import Callbacks, make_callbacks
-from lensflow.training.checks import sample_check
+from lensflow.training.checks import full_verdict, sample_check
 from lensflow.training.data import KappaDataModule
 from lensflow.training.glow_module import GlowModule
+from lensflow.training.kl import KLGap, kl_gaps, summary_of
 from lensflow.training.loggers import make_logger
 from lensflow.training.request import TrainRequest, resolve_store
 from lensflow.training.settings import ModelSettings
@@ -90,7 +91,7 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     src = best if best and best.exists() else (last if last.exists() else None)
     final = None
     if req.check.final and src is not None and req.check.n_samples > 0:
-        final = _final_check(req, dm, src, trainer.strategy.root_device)
+        final = _final_check(req, dm, src, trainer.strategy.root_device, _kl_monitor(cbs))
     summary = train_summary(req, result, trainer, cbs, module, final, time.time() - t0)
     summary_path = write_json(req.run_dir / "summary.json", to_plain(summary, nan_to_none=True))
     result.update({"samples": summary.get("samples"), "summary_path": str(summary_path), "summary": summary})
@@ -149,8 +150,15 @@ def check_resume(ckpt_path: Path, module: GlowModule) -> Path:
     return p.resolve()
 
 
-def _final_check(req: TrainRequest, dm: KappaDataModule, src: Path, device: Any) -> dict[str, Any]:
-    """The sample check of checkpoint ``src``; its samples go to ``<run_dir>/samples.h5``."""
+def _kl_monitor(cbs: Callbacks) -> KLGap | None:
+    return next((c for c in cbs.all if isinstance(c, KLGap)), None)
+
+
+def _final_check(
+    req: TrainRequest, dm: KappaDataModule, src: Path, device: Any, kl: KLGap | None = None
+) -> dict[str, Any]:
+    """The sample check of checkpoint ``src`` (its samples go to ``<run_dir>/samples.h5``), validate's full
+    default verdict on the same samples, and the checkpoint's KL gaps when the store has an exact likelihood."""
     model = GlowModule.load(src, "cpu").to(device)
     ref, ref_params = dm.eval_maps("val", req.check.n_samples)
     res = sample_check(
@@ -166,7 +174,16 @@ def _final_check(req: TrainRequest, dm: KappaDataModule, src: Path, device: Any)
     )
     path = req.run_dir / "samples.h5"
     write_samples(path, res["samples"], ref_params, model, src, req.config)
-    return {**res, "sampled_from": str(src), "samples": str(path), "n_reference_maps": int(ref.shape[0])}
+    verdict = full_verdict(ref, res["samples"], model.meta, req.seed + _FINAL_SEED_OFFSET)
+    gaps = kl_gaps(model, kl.sets) if kl is not None and kl.sets is not None else None
+    return {
+        **res,
+        "sampled_from": str(src),
+        "samples": str(path),
+        "n_reference_maps": int(ref.shape[0]),
+        "validate": verdict,
+        "kl": summary_of(gaps, None if kl is None else kl.unavailable or "off (check.kl_maps=0)"),
+    }
 
 
 def write_samples(
@@ -220,6 +237,8 @@ def train_summary(
                 "samples": final["samples"],
                 "n_reference_maps": final["n_reference_maps"],
                 "check": final["metrics"],
+                "validate": final["validate"],
+                "kl": final["kl"],
                 "figures": dict(final["figures"]),
             }
         )

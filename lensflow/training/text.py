@@ -42,6 +42,23 @@ def train_summary_text(result: Mapping[str, Any]) -> str | None:
         lines.append(f"    C_ell        {_pct(c.get('cl_frac_max'))} / {_pct(c.get('cl_frac_mean'))}")
         lines.append(f"    peak counts  {_pct(c.get('peaks_frac_max'))} / {_pct(c.get('peaks_frac_mean'))}")
         lines.append(f"    pixel PDF    {_pct(c.get('pdf_frac_max'))} / {_pct(c.get('pdf_frac_mean'))}")
+        v = s.get("validate") or {}
+        if v.get("pass") is not None:
+            note = " (fewer than 1,000 maps per set: noise-limited)" if v.get("noise_limited") else ""
+            lines.append(
+                f"  validate's full comparison, {v['n_candidate']} samples vs {v['n_reference']} validation maps: "
+                f"{'PASS' if v['pass'] else 'FAIL'}{note}"
+            )
+            lines += [f"    {f}" for f in v.get("failures", [])[:5]]
+        kl = s.get("kl") or {}
+        if kl.get("available"):
+            tr, tr_se = kl.get("train_kl_bits_per_dim", math.nan), kl.get("train_kl_se", math.nan)
+            lines.append(
+                f"  KL gap vs the exact likelihood: held-out {kl['val_kl_bits_per_dim']:.5f} ± {kl['val_kl_se']:.5f}, "
+                f"training maps {tr:.5f} ± {tr_se:.5f} bits/pixel"
+            )
+        elif kl:
+            lines.append(f"  KL gap: not available ({kl.get('reason')})")
         lines.append(f"  plots:            {', '.join(s.get('figures', {}).values())}")
     lines.append(f"  summary:          {result['summary_path']}")
     return "\n".join(lines)
