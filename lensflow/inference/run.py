@@ -133,7 +133,11 @@ def training_box(emu: Any) -> dict[str, tuple[float, float]] | None:
         if not set(emu.param_names) <= set(names):
             return None
         p = st.read_params(st.indices("train"))
-    return {k: (float(p[:, names.index(k)].min()), float(p[:, names.index(k)].max())) for k in emu.param_names}
+    # /params are float32: 0.85 is stored as 0.85000002; the box is given to the 7 digits float32 carries
+    def r(v: float) -> float:
+        return float(f"{v:.7g}")
+
+    return {k: (r(p[:, names.index(k)].min()), r(p[:, names.index(k)].max())) for k in emu.param_names}
 
 
 def prior_box(req: InferRequest, emu: Any) -> dict[str, tuple[float, float]]:
