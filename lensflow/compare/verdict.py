@@ -319,6 +319,12 @@ def compare(
     }
     first = next(iter(res.values()))
     failures = [f"{name}: {msg}" for name, r in res.items() for msg in r["failures"]]
+    joint_corr = _joint_correlation(flat_r, flat_c, tol)
+    if joint_corr["pass"] is False:
+        failures.append(
+            f"joint corr: off-diagonal rms error {joint_corr['rms']:.3f} of the whole summary vector > "
+            f"{joint_corr['tolerance']:.3f} (noise floor {joint_corr['noise_floor']:.3f})"
+        )
     omnibus = energy_test(
         flat_r, flat_c, permutations=tol.permutations or 1000, seed=seed, max_maps=tol.omnibus_max_maps
     )
@@ -330,15 +336,34 @@ def compare(
             f"{omnibus['alpha']:.2g}, {omnibus['features']} bins, {omnibus['permutations']} permutations)"
         )
     return {
-        "pass": all(r["verdict"]["pass"] for r in res.values()) and omnibus["pass"],
+        "pass": all(r["verdict"]["pass"] for r in res.values()) and omnibus["pass"] and joint_corr["pass"] is not False,
         "n_reference": first["n_reference"],
         "n_candidate": first["n_candidate"],
         "tolerances": asdict(tol),
         "statistics": res,
         "calibration": calibration,
+        "joint_corr": joint_corr,
         "omnibus": omnibus,
         "failures": failures,
     }
+
+
+def _joint_correlation(flat_r: dict, flat_c: dict, tol: Tolerances) -> dict[str, Any]:
+    """The correlation matrix of the whole summary vector (every bin of every statistic): its rms error against
+    the noise floor, gated like the per-statistic correlation criterion (one more test in that family)."""
+    r = np.concatenate(list(flat_r.values()), axis=1)
+    c = np.concatenate(list(flat_c.values()), axis=1)
+    alpha = None
+    if tol.corr_sigma is not None:
+        alpha = family_alpha(float(sps.norm.sf(tol.corr_sigma)), len(flat_r) + 1, tol.multiple_testing)
+    corr = correlation_of(Moments.of(r), Moments.of(c), alpha)
+    out = {k: corr[k] for k in ("rms", "max", "noise_floor", "noise_quantile", "n_pairs")}
+    allow = tol.corr_rms
+    if tol.corr_sigma is not None and corr["noise_quantile"] is not None:
+        allow = math.sqrt(tol.corr_rms**2 + corr["noise_quantile"] ** 2)
+    out["tolerance"] = allow
+    out["pass"] = None if corr["rms"] is None else bool(corr["rms"] <= allow)
+    return out
 
 
 def _flat_sets(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> tuple[dict, dict]:

@@ -133,6 +133,7 @@ def training_box(emu: Any) -> dict[str, tuple[float, float]] | None:
         if not set(emu.param_names) <= set(names):
             return None
         p = st.read_params(st.indices("train"))
+
     # /params are float32: 0.85 is stored as 0.85000002; the box is given to the 7 digits float32 carries
     def r(v: float) -> float:
         return float(f"{v:.7g}")

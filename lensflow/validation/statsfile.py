@@ -159,6 +159,8 @@ def summary_record(
     gates: dict[str, bool] = {}
     if result.get("omnibus") is not None and result["omnibus"].get("alpha") is not None:
         gates["omnibus"] = bool(result["omnibus"]["pass"])
+    if (result.get("joint_corr") or {}).get("pass") is not None:
+        gates["joint_corr"] = bool(result["joint_corr"]["pass"])
     if m.field is not None and m.field.get("gating"):
         gates["field"] = bool(m.field["pass"])
         failures += m.field.get("failures", [])
@@ -174,6 +176,7 @@ def summary_record(
         "low_power": [w for w in warnings if w.startswith("low power")],
         "calibration": result.get("calibration"),
         "omnibus": result.get("omnibus"),
+        "joint_corr": result.get("joint_corr"),
         "field": m.field,
         "table": summary_rows(result),
         "statistics": result["statistics"],
