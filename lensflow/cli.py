@@ -132,6 +132,20 @@ def exit_code_of(e: BaseException, exit_codes: Mapping[type[BaseException], int]
     return 2 if isinstance(e, MisconfigurationException) else None
 
 
+def report_failure(e: BaseException, codes: Mapping[type[BaseException], int]) -> int:
+    """Print a failed run's one ``error:`` line and return its exit code (re-raises interrupts and, with
+    ``LENSFLOW_DEBUG``, everything). An unknown exception is a bug: its traceback first, then exit 2."""
+    if os.environ.get("LENSFLOW_DEBUG") or isinstance(e, (KeyboardInterrupt, SystemExit)):
+        raise e
+    code = exit_code_of(e, codes)
+    if code is None:
+        traceback.print_exc()
+        _error(f"internal error: {type(e).__name__}: {one_line(e)}")
+        return 2
+    _error(one_line(e))
+    return code
+
+
 def command(
     config_name: str,
     fn: Callable[[DictConfig], Any],
@@ -161,17 +175,8 @@ def command(
         setup_logging()
         try:
             result = fn(cfg)
-        except BaseException as e:  # noqa: BLE001 - mapped to one line and an exit code below
-            if os.environ.get("LENSFLOW_DEBUG") or isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            code = exit_code_of(e, codes)
-            if code is None:
-                traceback.print_exc()
-                _error(f"internal error: {type(e).__name__}: {one_line(e)}")
-                code = 2
-            else:
-                _error(one_line(e))
-            state["code"] = code
+        except BaseException as e:  # noqa: BLE001 - mapped to one line and an exit code by report_failure
+            state["code"] = report_failure(e, codes)
             return
         text = render(result) if render is not None else None
         if text:
@@ -227,16 +232,8 @@ def argv_command(
         setup_logging()
         try:
             return fn(list(sys.argv[1:] if argv is None else argv), echo)
-        except BaseException as e:  # noqa: BLE001 - mapped to one line and an exit code below
-            if os.environ.get("LENSFLOW_DEBUG") or isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            code = exit_code_of(e, codes)
-            if code is None:
-                traceback.print_exc()
-                _error(f"internal error: {type(e).__name__}: {one_line(e)}")
-                return 2
-            _error(one_line(e))
-            return code
+        except BaseException as e:  # noqa: BLE001 - mapped to one line and an exit code by report_failure
+            return report_failure(e, codes)
 
     return main
 

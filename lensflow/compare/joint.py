@@ -1,0 +1,142 @@
+"""The report-level comparison: every statistic together, the way one validation decides.
+
+:func:`compare` runs :func:`~lensflow.compare.verdict.compare_statistic` on each statistic with the family-wise
+thresholds of the whole report calibrated by label permutation (:mod:`lensflow.compare.permutation`), then the
+tests of the joint summary vector: the correlation matrix of all bins against its noise floor, and the
+energy-distance omnibus test (:mod:`lensflow.compare.omnibus`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+from lensflow.compare.metrics import Moments, as_rows, correlation_of
+from lensflow.compare.omnibus import energy_test
+from lensflow.compare.permutation import permutation_thresholds
+from lensflow.compare.tolerances import Tolerances, family_alpha
+from lensflow.compare.verdict import compare_statistic
+
+__all__ = ["compare"]
+
+
+def compare(
+    reference: Mapping[str, Any],
+    candidate: Mapping[str, Any],
+    tolerances: Tolerances | Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compare per-map statistics of two sets, statistic by statistic, and their joint summary vectors.
+
+    Args:
+        reference: {name: array [N_r, ...]} (e.g. from :func:`lensflow.stats.summarize` of simulations).
+        candidate: {name: array [N_c, ...]} with the same names and bin shapes.
+        tolerances: :class:`Tolerances` or a mapping of its fields (defaults when ``None``).
+        seed: seed of the permutations (the verdict is reproducible for a given seed).
+
+    Returns:
+        ``{"pass": bool, "n_reference", "n_candidate", "tolerances": {...}, "statistics": {name:
+        compare_statistic(...)}, "calibration": {...} or None, "omnibus": {...}, "failures": [...]}``.
+    """
+    tol = Tolerances.from_mapping(tolerances)
+    flat_r, flat_c = _flat_sets(reference, candidate)
+    calibrated, calibration = _calibrate(flat_r, flat_c, tol, seed)
+    n_bins = sum(int(np.sum((flat_r[k].std(axis=0) > 0) | (flat_c[k].std(axis=0) > 0))) for k in flat_r)
+    family = (n_bins, len(reference)) if tol.family == "report" else None
+    res = {
+        name: compare_statistic(
+            reference[name], candidate[name], tol, name=name, family=family, calibrated=calibrated.get(name)
+        )
+        for name in reference
+    }
+    first = next(iter(res.values()))
+    failures = [f"{name}: {msg}" for name, r in res.items() for msg in r["failures"]]
+    joint_corr = _joint_correlation(flat_r, flat_c, tol)
+    if joint_corr["pass"] is False:
+        failures.append(
+            f"joint corr: off-diagonal rms error {joint_corr['rms']:.3f} of the whole summary vector > "
+            f"{joint_corr['tolerance']:.3f} (noise floor {joint_corr['noise_floor']:.3f})"
+        )
+    omnibus = energy_test(
+        flat_r, flat_c, permutations=tol.permutations or 1000, seed=seed, max_maps=tol.omnibus_max_maps
+    )
+    omnibus["alpha"] = None if tol.omnibus_sigma is None else float(sps.norm.sf(tol.omnibus_sigma) * 2.0)
+    omnibus["pass"] = omnibus["alpha"] is None or omnibus["pvalue"] >= omnibus["alpha"]
+    if not omnibus["pass"]:
+        failures.append(
+            f"omnibus: the joint summary vectors differ (energy distance p = {omnibus['pvalue']:.2g} < "
+            f"{omnibus['alpha']:.2g}, {omnibus['features']} bins, {omnibus['permutations']} permutations)"
+        )
+    return {
+        "pass": all(r["verdict"]["pass"] for r in res.values()) and omnibus["pass"] and joint_corr["pass"] is not False,
+        "n_reference": first["n_reference"],
+        "n_candidate": first["n_candidate"],
+        "tolerances": asdict(tol),
+        "statistics": res,
+        "calibration": calibration,
+        "joint_corr": joint_corr,
+        "omnibus": omnibus,
+        "failures": failures,
+    }
+
+
+def _joint_correlation(flat_r: dict, flat_c: dict, tol: Tolerances) -> dict[str, Any]:
+    """The correlation matrix of the whole summary vector (every bin of every statistic): its rms error against
+    the noise floor, gated like the per-statistic correlation criterion (one more test in that family)."""
+    r = np.concatenate(list(flat_r.values()), axis=1)
+    c = np.concatenate(list(flat_c.values()), axis=1)
+    alpha = None
+    if tol.corr_sigma is not None:
+        alpha = family_alpha(float(sps.norm.sf(tol.corr_sigma)), len(flat_r) + 1, tol.multiple_testing)
+    corr = correlation_of(Moments.of(r), Moments.of(c), alpha)
+    out = {k: corr[k] for k in ("rms", "max", "noise_floor", "noise_quantile", "n_pairs")}
+    allow = tol.corr_rms
+    if tol.corr_sigma is not None and corr["noise_quantile"] is not None:
+        allow = math.sqrt(tol.corr_rms**2 + corr["noise_quantile"] ** 2)
+    out["tolerance"] = allow
+    out["pass"] = None if corr["rms"] is None else bool(corr["rms"] <= allow)
+    return out
+
+
+def _flat_sets(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Both sets as {name: [N, F]} float64, after checking that they hold the same statistics and bins."""
+    missing = sorted(set(reference) ^ set(candidate))
+    if missing:
+        raise ValueError(f"reference and candidate statistics differ: {missing} present in only one set")
+    if not reference:
+        raise ValueError("no statistics to compare")
+    flat_r, flat_c = {}, {}
+    for name in reference:
+        r, shape = as_rows(name, reference[name], "reference")
+        c, shape_c = as_rows(name, candidate[name], "candidate")
+        if shape != shape_c:
+            raise ValueError(f"statistic {name!r}: reference bins {shape} differ from candidate bins {shape_c}")
+        flat_r[name], flat_c[name] = r, c
+    return flat_r, flat_c
+
+
+def _calibrate(flat_r: dict, flat_c: dict, tol: Tolerances, seed: int) -> tuple[dict, dict | None]:
+    """Permutation thresholds per family (the report, or each statistic) and each statistic's pooled z."""
+    if tol.permutations is None:
+        return {}, None
+    families = [list(flat_r)] if tol.family == "report" else [[k] for k in flat_r]
+    per_stat: dict[str, dict[str, Any]] = {}
+    records = []
+    for names in families:
+        th, z = permutation_thresholds(
+            {k: flat_r[k] for k in names},
+            {k: flat_c[k] for k in names},
+            alpha=tol.alpha,
+            permutations=tol.permutations,
+            seed=seed,
+        )
+        records.append({"statistics": names, **asdict(th)})
+        for k in names:
+            per_stat[k] = {**z[k], "t_mean": th.mean, "t_spread": th.spread}
+    return per_stat, {"method": "permutation", "families": records}
