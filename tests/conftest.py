@@ -1,6 +1,7 @@
 """Shared test fixtures. The plain helpers behind them live in ``tests/helpers/`` (importable as ``helpers``):
 
-- ``helpers.config``: :func:`compose` (a command's composed config) and :func:`run_main` (a CLI run in process);
+- ``helpers.config``: :func:`compose` (a command's composed config), :func:`run_main` (a CLI run in process) and
+  the override lists that shrink an experiment (``TINY_TRAIN``, ``TINY_PIPELINE``);
 - ``helpers.stores``: tiny map stores (noise or simulated) and tiny trained checkpoints;
 - ``helpers.fields``: the Gaussian random field and κ-like map makers;
 - ``helpers.flow_checks``: the round-trip and brute-force log-det harness of every flow layer;

@@ -8,14 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.cosmology import SIMPLE as COSMO
 from scipy import stats as sps
 
 from lensflow import compare as C
 from lensflow.sims.flat import simulate_maps
 from lensflow.stats.summary import SummaryConfig, summarize, with_reference_sigma
-
-COSMO = {"Omega_m": 0.3, "Omega_b": 0.045, "h": 0.7, "sigma_8": 0.8, "n_s": 0.96}
-
 
 # ------------------------------------------------------------------------------------------------
 # Metrics against hand computations

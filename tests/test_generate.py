@@ -13,67 +13,22 @@ import sys
 import textwrap
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from helpers.config import compose
+from helpers.stores import tiny_checkpoint
 
 import lensflow
 import lensflow.generate as gen
-from lensflow.data import KappaDataModule
 from lensflow.generate import GenerationError, generate, latent_noise, sample_maps, stream_seed
 from lensflow.generation import job
-from lensflow.mapstore import StoreMeta, open_store, write_store
+from lensflow.mapstore import StoreMeta, open_store
 from lensflow.module import GlowModule, load_glow_module
 
 NPIX = 16
-
-
-def _train_tiny(tmp: Path, name: str, channels: int, cond: tuple[str, ...], periodic: bool) -> Path:
-    """A real lensflow checkpoint: a tiny GlowModule trained 3 steps by a Lightning Trainer."""
-    rng = np.random.default_rng(1)
-    n = 48
-    maps = rng.normal(0.0, 0.02, (n, channels, NPIX, NPIX)).astype(np.float32)
-    params = None
-    if cond:
-        params = np.stack([rng.choice([0.25, 0.3, 0.35], n), rng.choice([0.75, 0.85], n)], axis=1)
-    zs = (0.5, 1.0)[:channels]
-    store = write_store(
-        tmp / f"{name}.h5", maps, StoreMeta(2.0, zs, periodic=periodic, param_names=cond), params=params
-    )
-    dm = KappaDataModule(store, batch_size=16, num_workers=0, cond=list(cond) or None)
-    module = GlowModule(
-        model={"levels": 2, "steps": 2, "hidden": 16},
-        map_meta=dm.map_meta(),
-        param_names=dm.param_names,
-        check={"every": 0, "final": False},
-        seed=3,
-    )
-    mean, std = dm.cond_stats()
-    module.fit_normalization(dm.normalization_maps(), mean, std)
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-    )
-    trainer.fit(module, datamodule=dm)
-    # Three steps barely move the zero-initialised conditioning layers; a seeded perturbation of the EMA
-    # weights makes every map depend visibly on its condition (still a checkpoint in the real format).
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in module.glow_ema.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    module.glow_ema.clear_cache()
-    ckpt = tmp / f"{name}.ckpt"
-    trainer.save_checkpoint(ckpt)
-    return ckpt
+#: The generate overrides of every test here (the CLI tests pass their own).
+ON_CPU = ("progress=false", "accelerator=cpu", "devices=1")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,21 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("ckpts")
     return {
-        "uncond": _train_tiny(tmp, "uncond", 1, (), periodic=True),
-        "cond": _train_tiny(tmp, "cond", 2, ("Omega_m", "sigma_8"), periodic=False),
+        "uncond": tiny_checkpoint(tmp, "uncond", 1, (), periodic=True),
+        "cond": tiny_checkpoint(tmp, "cond", 2, ("Omega_m", "sigma_8"), periodic=False),
     }
-
-
-def _cfg(**kw) -> object:
-    """The composed generate config with overrides (as the CLI would build it)."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-        cfg = compose(config_name="generate")
-    base = OmegaConf.to_container(cfg)
-    base.update(progress=False, accelerator="cpu", devices=1)
-    base.update(kw)
-    return OmegaConf.create(base)
 
 
 def _left(tmp: Path) -> list[str]:
@@ -111,7 +54,18 @@ def _left(tmp: Path) -> list[str]:
 
 def test_schema_and_provenance(tmp_path, ckpts):
     ck = ckpts["uncond"]
-    out = generate(_cfg(ckpt=str(ck), n_maps=10, batch_size=4, seed=5, temperature=0.9, out=str(tmp_path / "m.h5")))
+    out = generate(
+        compose(
+            "generate",
+            *ON_CPU,
+            ckpt=str(ck),
+            n_maps=10,
+            batch_size=4,
+            seed=5,
+            temperature=0.9,
+            out=str(tmp_path / "m.h5"),
+        )
+    )
     assert out == tmp_path / "m.h5" and _left(tmp_path) == ["m.h5"]  # work folder removed
     st = open_store(out)
     train_meta = open_store(ck.with_suffix(".h5")).meta
@@ -134,12 +88,20 @@ def test_schema_and_provenance(tmp_path, ckpts):
 
 def test_map_depends_only_on_seed_and_index(tmp_path, ckpts):
     ck = ckpts["uncond"]
-    a = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, out=str(tmp_path / "a.h5")))).read()
-    b = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, out=str(tmp_path / "b.h5")))).read()
+    a = open_store(
+        generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=9, batch_size=4, out=str(tmp_path / "a.h5")))
+    ).read()
+    b = open_store(
+        generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=9, batch_size=4, out=str(tmp_path / "b.h5")))
+    ).read()
     np.testing.assert_array_equal(a, b)  # same request, same batch layout: bit-identical
-    c = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=3, out=str(tmp_path / "c.h5")))).read()
+    c = open_store(
+        generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=9, batch_size=3, out=str(tmp_path / "c.h5")))
+    ).read()
     np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())  # other batch size: round-off
-    d = open_store(generate(_cfg(ckpt=str(ck), n_maps=9, batch_size=4, seed=1, out=str(tmp_path / "d.h5")))).read()
+    d = open_store(
+        generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=9, batch_size=4, seed=1, out=str(tmp_path / "d.h5")))
+    ).read()
     assert np.abs(d - a).min(axis=(1, 2, 3)).max() > 0 and not np.allclose(d, a)
     # The notebook API gives the CLI's maps; fewer maps give a prefix.
     np.testing.assert_allclose(
@@ -205,11 +167,13 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, ckpts):
         assert st.n == 3 and np.array_equal(st.read_realization(), np.arange(3 * b, 3 * b + 3))
     # A different request is refused while the unfinished one is there ...
     with pytest.raises(ValueError, match="differs in seed"):
-        generate(_cfg(ckpt=str(ck), n_maps=11, batch_size=3, seed=3, out=str(out)))
+        generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=11, batch_size=3, seed=3, out=str(out)))
     assert not out.exists() and (parts / "part-000000001.h5").exists()
     # ... and the same command completes it: equal to an uninterrupted run, no duplicates, no leftovers.
-    generate(_cfg(ckpt=str(ck), n_maps=11, batch_size=3, seed=2, out=str(out)))
-    full = generate(_cfg(ckpt=str(ck), n_maps=11, batch_size=3, seed=2, out=str(tmp_path / "full.h5")))
+    generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=11, batch_size=3, seed=2, out=str(out)))
+    full = generate(
+        compose("generate", *ON_CPU, ckpt=str(ck), n_maps=11, batch_size=3, seed=2, out=str(tmp_path / "full.h5"))
+    )
     np.testing.assert_array_equal(open_store(out).read(), open_store(full).read())
     np.testing.assert_array_equal(open_store(out).read_realization(), np.arange(11))
     np.testing.assert_array_equal(open_store(out).split, open_store(full).split)
@@ -229,7 +193,7 @@ def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts
 
     monkeypatch.setattr(job, "write_part", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, out=str(out)))
+        generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=6, batch_size=2, out=str(out)))
     monkeypatch.setattr(job, "write_part", write_part)
     parts = tmp_path / "m.h5.parts"
     assert not out.exists() and sorted(p.name for p in parts.glob("part-*")) == ["part-000000000.h5"]
@@ -242,13 +206,15 @@ def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts
 
     monkeypatch.setattr(job, "remove_work_folder", after_merge)
     with pytest.raises(RuntimeError, match="renamed into place"):
-        generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out), overwrite=True))
+        generate(
+            compose("generate", *ON_CPU, ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out), overwrite=True)
+        )
     monkeypatch.setattr(job, "remove_work_folder", remove_work_folder)
     ref = sample_maps(ck, 6, seed=4, batch_size=2, device="cpu")
     np.testing.assert_array_equal(open_store(out).read(), ref)
     assert _left(tmp_path) == ["m.h5", "m.h5.parts"]
     # ... and a run killed between the final rename and the clean-up is recognised as complete.
-    generate(_cfg(ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out)))
+    generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=6, batch_size=2, seed=4, out=str(out)))
     assert _left(tmp_path) == ["m.h5"]
     np.testing.assert_array_equal(open_store(out).read(), ref)
 
@@ -261,7 +227,9 @@ def test_exception_mid_run_then_overwrite_discards_other_request(tmp_path, ckpts
 def test_conditional_grid(tmp_path, ckpts):
     ck = ckpts["cond"]
     out = generate(
-        _cfg(
+        compose(
+            "generate",
+            *ON_CPU,
             ckpt=str(ck),
             n_maps=3,
             batch_size=4,
@@ -301,7 +269,7 @@ def test_nonfinite_maps_are_redrawn_from_the_next_stream(tmp_path, ckpts, monkey
         return x
 
     monkeypatch.setattr(GlowModule, "sample", flaky)
-    out = generate(_cfg(ckpt=str(ck), n_maps=8, batch_size=3, out=str(tmp_path / "m.h5")))
+    out = generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=8, batch_size=3, out=str(tmp_path / "m.h5")))
     st = open_store(out)
     maps = st.read()  # every stored map is finite (read checks)
     expected_redraws = 0
@@ -323,15 +291,21 @@ def test_nonfinite_maps_are_redrawn_from_the_next_stream(tmp_path, ckpts, monkey
 
     monkeypatch.setattr(GlowModule, "sample", broken)
     with pytest.raises(GenerationError, match="non-finite in all 3 attempts"):
-        generate(_cfg(ckpt=str(ck), n_maps=4, batch_size=2, max_attempts=3, out=str(tmp_path / "bad.h5")))
+        generate(
+            compose(
+                "generate", *ON_CPU, ckpt=str(ck), n_maps=4, batch_size=2, max_attempts=3, out=str(tmp_path / "bad.h5")
+            )
+        )
     assert not (tmp_path / "bad.h5").exists()
 
 
 def test_shape_noise_is_seeded_and_recorded(tmp_path, ckpts):
     ck = ckpts["cond"]
     kw = dict(ckpt=str(ck), n_maps=6, batch_size=4, cond={"Omega_m": 0.3, "sigma_8": 0.8})
-    clean = open_store(generate(_cfg(**kw, out=str(tmp_path / "c.h5")))).read()
-    noisy_st = open_store(generate(_cfg(**kw, out=str(tmp_path / "n.h5"), noise={"sigma_e": 0.26, "n_gal": 30.0})))
+    clean = open_store(generate(compose("generate", *ON_CPU, **kw, out=str(tmp_path / "c.h5")))).read()
+    noisy_st = open_store(
+        generate(compose("generate", *ON_CPU, **kw, out=str(tmp_path / "n.h5"), noise={"sigma_e": 0.26, "n_gal": 30.0}))
+    )
     noise = noisy_st.read() - clean
     sigma = 0.26 / math.sqrt(30.0 * 2.0**2)  # sigma_e / sqrt(n_gal * pixel area), pixel 2 arcmin
     assert abs(noise.std() / sigma - 1) < 0.05  # 3072 pixels: 1.3 % standard error
@@ -339,7 +313,15 @@ def test_shape_noise_is_seeded_and_recorded(tmp_path, ckpts):
     assert noisy_st.meta.extra["noise"] == {"sigma_e": 0.26, "n_gal": 30.0, "seed": 0}
     # independent of the latents and of the batch layout, reproducible per (noise.seed, i)
     again = open_store(
-        generate(_cfg(**{**kw, "batch_size": 5}, out=str(tmp_path / "n2.h5"), noise={"sigma_e": 0.26, "n_gal": 30.0}))
+        generate(
+            compose(
+                "generate",
+                *ON_CPU,
+                **{**kw, "batch_size": 5},
+                out=str(tmp_path / "n2.h5"),
+                noise={"sigma_e": 0.26, "n_gal": 30.0},
+            )
+        )
     ).read()
     np.testing.assert_allclose(again - clean, noise, atol=1e-6)
     assert abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]) < 0.1
@@ -352,23 +334,17 @@ def test_shape_noise_is_seeded_and_recorded(tmp_path, ckpts):
 
 @pytest.mark.parametrize("layout", ["files", "cube"])
 def test_fits_output_read_back_by_ingest(tmp_path, ckpts, layout):
-    from hydra import compose, initialize_config_module
-
     from lensflow.ingest import ingest
 
     ck = ckpts["cond"]
     kw = dict(ckpt=str(ck), n_maps=3, batch_size=2, cond={"Omega_m": [0.25, 0.35], "sigma_8": 0.8})
-    ref = open_store(generate(_cfg(**kw, out=str(tmp_path / "ref.h5"))))
+    ref = open_store(generate(compose("generate", *ON_CPU, **kw, out=str(tmp_path / "ref.h5"))))
     target = tmp_path / ("fits" if layout == "files" else "mocks.fits")
-    generate(_cfg(**kw, out=str(target), format="fits", fits_layout=layout))
+    generate(compose("generate", *ON_CPU, **kw, out=str(target), format="fits", fits_layout=layout))
     assert not (tmp_path / (target.name + ".parts")).exists()
     side = json.loads((tmp_path / (target.name + ".json")).read_text())
     assert side["n_maps"] == 6 and side["extra"]["checkpoint_sha256"] == ref.meta.extra["checkpoint_sha256"]
-    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-        icfg = compose(
-            config_name="ingest",
-            overrides=[f"input={target}", f"out={tmp_path / 'back.h5'}", "kind=mock", "progress=false"],
-        )
+    icfg = compose("ingest", f"input={target}", f"out={tmp_path / 'back.h5'}", "kind=mock", "progress=false")
     back = open_store(ingest(icfg))
     np.testing.assert_array_equal(back.read(), ref.read())
     assert back.meta.param_names == ("Omega_m", "sigma_8")
@@ -380,8 +356,8 @@ def test_fits_output_read_back_by_ingest(tmp_path, ckpts, layout):
 def test_two_cpu_processes_equal_one(tmp_path, ckpts):
     ck = ckpts["cond"]
     kw = dict(ckpt=str(ck), n_maps=5, batch_size=3, cond={"Omega_m": [0.25, 0.35], "sigma_8": 0.8})
-    one = open_store(generate(_cfg(**kw, out=str(tmp_path / "one.h5"))))
-    two = open_store(generate(_cfg(**kw, devices=2, out=str(tmp_path / "two.h5"))))
+    one = open_store(generate(compose("generate", *ON_CPU, **kw, out=str(tmp_path / "one.h5"))))
+    two = open_store(generate(compose("generate", *ON_CPU, **kw, devices=2, out=str(tmp_path / "two.h5"))))
     np.testing.assert_allclose(two.read(), one.read(), rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(two.read_params(), one.read_params())
     np.testing.assert_array_equal(two.read_realization(), one.read_realization())
@@ -393,18 +369,7 @@ def test_two_cpu_processes_equal_one(tmp_path, ckpts):
 # --------------------------------------------------------------------------------------------
 
 
-def _cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lensflow.generate", *args, "progress=false", "accelerator=cpu"])
-    code = 0
-    try:
-        gen.main()
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err[-1] if err else ""
-
-
-def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, capsys):
+def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, run_command):
     monkeypatch.chdir(tmp_path)
     uc, cc = str(ckpts["uncond"]), str(ckpts["cond"])
     foreign = tmp_path / "foreign.ckpt"
@@ -428,16 +393,21 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, capsy
         "typo in a key": ([f"ckpt={uc}", "n_mpas=3"], "n_mpas"),
     }
     for name, (args, msg) in cases.items():
-        code, err = _cli(monkeypatch, capsys, [*args, "out=m.h5"])
+        code, err = run_command(gen.main, *args, "out=m.h5", "progress=false", "accelerator=cpu")
+        err = err[-1] if err else ""  # the last stderr line
         assert code == 2, name
         assert err.startswith("error: ") and msg in err, (name, err)
         assert _left(tmp_path) == ["foreign.ckpt"], name  # nothing written, no work folder
     # An existing output is not replaced (nor touched) without overwrite=true.
     (tmp_path / "m.h5").write_bytes(b"keep")
-    code, err = _cli(monkeypatch, capsys, [f"ckpt={uc}", "n_maps=2", "out=m.h5"])
+    code, err = run_command(gen.main, f"ckpt={uc}", "n_maps=2", "out=m.h5", "progress=false", "accelerator=cpu")
+    err = err[-1] if err else ""  # the last stderr line
     assert code == 2 and "exists; pass overwrite=true" in err
     assert (tmp_path / "m.h5").read_bytes() == b"keep" and _left(tmp_path) == ["foreign.ckpt", "m.h5"]
-    code, err = _cli(monkeypatch, capsys, [f"ckpt={uc}", "n_maps=2", "out=m.h5", "overwrite=true"])
+    code, err = run_command(
+        gen.main, f"ckpt={uc}", "n_maps=2", "out=m.h5", "overwrite=true", "progress=false", "accelerator=cpu"
+    )
+    err = err[-1] if err else ""  # the last stderr line
     assert code == 0 and open_store(tmp_path / "m.h5").n == 2
     assert _left(tmp_path) == ["foreign.ckpt", "m.h5"]
     # The CLI's maps are the API's maps.
@@ -458,8 +428,10 @@ def test_api_bad_input():
 def test_cuda_matches_cpu(tmp_path, ckpts):
     ck = ckpts["cond"]
     kw = dict(ckpt=str(ck), n_maps=6, batch_size=4, cond={"Omega_m": [0.25, 0.35], "sigma_8": 0.8})
-    cpu = open_store(generate(_cfg(**kw, out=str(tmp_path / "cpu.h5")))).read()
-    st = open_store(generate(_cfg(**kw, accelerator="cuda", devices="auto", out=str(tmp_path / "gpu.h5"))))
+    cpu = open_store(generate(compose("generate", *ON_CPU, **kw, out=str(tmp_path / "cpu.h5")))).read()
+    st = open_store(
+        generate(compose("generate", *ON_CPU, **kw, accelerator="cuda", devices="auto", out=str(tmp_path / "gpu.h5")))
+    )
     # the same latents per map; only kernels differ (TF32 convolutions allowed by default on recent GPUs)
     np.testing.assert_allclose(st.read(), cpu, rtol=0, atol=2e-3 * np.abs(cpu).max())
     assert st.meta.extra["job_sha256"] == open_store(tmp_path / "cpu.h5").meta.extra["job_sha256"]
@@ -490,7 +462,9 @@ def test_emulator_samples_the_generated_maps_and_evaluates_their_density(tmp_pat
     assert emu.meta == StoreMeta(2.0, (0.5,), periodic=True)  # the training store's metadata
     maps = emu.sample(5, seed=2)
     assert maps.dtype == np.float32 and maps.shape == (5, 1, NPIX, NPIX)
-    out = generate(_cfg(ckpt=str(ckpts["uncond"]), n_maps=5, seed=2, out=str(tmp_path / "m.h5")))
+    out = generate(
+        compose("generate", *ON_CPU, ckpt=str(ckpts["uncond"]), n_maps=5, seed=2, out=str(tmp_path / "m.h5"))
+    )
     np.testing.assert_array_equal(maps, open_store(out).read())  # the same maps as generate
     lp = emu.log_prob(maps)
     assert lp.dtype == np.float64 and lp.shape == (5,) and np.isfinite(lp).all()
@@ -562,8 +536,10 @@ def test_outputs_are_readable_by_the_group_under_umask_022(tmp_path, ckpts, monk
     kw = dict(ckpt=ck, n_maps=2, batch_size=1, cond={"Omega_m": 0.3, "sigma_8": 0.8})
     old = os.umask(0o022)
     try:
-        h5 = generate(_cfg(**kw, out=str(tmp_path / "m.h5")))
-        fits = generate(_cfg(**kw, out=str(tmp_path / "mocks.fits"), format="fits", fits_layout="cube"))
+        h5 = generate(compose("generate", *ON_CPU, **kw, out=str(tmp_path / "m.h5")))
+        fits = generate(
+            compose("generate", *ON_CPU, **kw, out=str(tmp_path / "mocks.fits"), format="fits", fits_layout="cube")
+        )
         write_part = job.write_part
 
         def crash_after_first(plan, b, *args):
@@ -572,7 +548,7 @@ def test_outputs_are_readable_by_the_group_under_umask_022(tmp_path, ckpts, monk
 
         monkeypatch.setattr(job, "write_part", crash_after_first)
         with pytest.raises(RuntimeError, match="stop"):
-            generate(_cfg(**kw, out=str(tmp_path / "stopped.h5")))
+            generate(compose("generate", *ON_CPU, **kw, out=str(tmp_path / "stopped.h5")))
     finally:
         os.umask(old)
     parts = tmp_path / "stopped.h5.parts"
@@ -585,7 +561,7 @@ def test_the_yaml_values_are_the_request_defaults(tmp_path):
     from lensflow.generation import GenerationRequest
 
     composed = GenerationRequest.from_config(
-        _cfg(ckpt=str(tmp_path / "x.ckpt"), progress=True, accelerator="auto", devices="auto")
+        compose("generate", *ON_CPU, ckpt=str(tmp_path / "x.ckpt"), progress=True, accelerator="auto", devices="auto")
     )
     assert composed == GenerationRequest(ckpt=tmp_path / "x.ckpt", out=Path("mocks.h5").absolute())
 
@@ -596,5 +572,7 @@ def test_the_checkpoint_is_read_once_per_job(tmp_path, ckpts, monkeypatch):
     calls = []
     load = checkpoint.torch.load
     monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: calls.append(a) or load(*a, **k))
-    generate(_cfg(ckpt=str(ckpts["uncond"]), n_maps=5, batch_size=2, out=str(tmp_path / "m.h5")))
+    generate(
+        compose("generate", *ON_CPU, ckpt=str(ckpts["uncond"]), n_maps=5, batch_size=2, out=str(tmp_path / "m.h5"))
+    )
     assert len(calls) == 1  # loaded (and hashed, from the same bytes) once for all three batches

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers.config import compose
+from helpers.fields import periodic_grf, power_law_amplitude
+from helpers.stores import noise_store, train_tiny
 
-from lensflow.data import KappaDataModule
 from lensflow.mapstore import StoreMeta, write_store
 from lensflow.module import (
     GlowModule,
@@ -24,6 +25,8 @@ from lensflow.training.settings import CheckSettings
 # shift_method/stationary at lensflow 0.1's values: the old-format checkpoint test rewrites these models' hparams
 # into the 0.1 format, which could only hold such models
 SMALL = {"levels": 2, "steps": 2, "hidden": 8, "shift_method": "margin", "stationary": False}
+#: The amplitude |k|^-1.2 of the red 32x32 fields of the sample-check tests.
+RED = power_law_amplitude(32, -1.2)
 
 
 def _meta(npix=16, channels=1, periodic=False):
@@ -144,37 +147,27 @@ def test_warmup_cosine_schedule():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("trained")
-    rng = np.random.default_rng(4)
-    n = 48
-    kappa = rng.normal(0.0, 0.02, size=(n, 1, 16, 16)).astype(np.float32)
-    params = np.stack([rng.uniform(0.2, 0.4, n), rng.uniform(0.7, 0.9, n)], 1)
-    meta = StoreMeta(pixel_arcmin=2.0, source_redshifts=(1.0,), param_names=("Omega_m", "sigma_8"))
-    write_store(tmp_path / "s.h5", kappa, meta, params=params)
-    dm = KappaDataModule(tmp_path / "s.h5", batch_size=8, cond=["Omega_m", "sigma_8"])
-    mod = GlowModule(
+    store = noise_store(
+        tmp_path / "s.h5",
+        cond=("Omega_m", "sigma_8"),
+        seed=4,
+        source_redshifts=(1.0,),
+        param_ranges=((0.2, 0.4), (0.7, 0.9)),
+    )
+    mod, trainer = train_tiny(
+        store,
+        cond=("Omega_m", "sigma_8"),
         model=SMALL,
-        meta=dm.meta,
-        npix=dm.npix,
-        store=dm.store_path,
-        param_names=dm.param_names,
-        optim={"warmup_steps": 1, "lr": 1e-3},
-        check={"every": 0},
-        seed=0,
-        config={"name": "t"},
+        module_kwargs={
+            "optim": {"warmup_steps": 1, "lr": 1e-3},
+            "check": {"every": 0},
+            "seed": 0,
+            "config": {"name": "t"},
+        },
+        trainer_kwargs={"default_root_dir": tmp_path},
+        batch_size=8,
+        map_meta=False,
     )
-    mod.fit_normalization(dm.normalization_maps(), *dm.cond_stats())
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(mod, datamodule=dm)
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path, weights_only=False)
     return mod, trainer, path
@@ -247,16 +240,8 @@ class _Stub:
         return self.maps[:n]
 
 
-def _grf(n, npix, seed):
-    rng = np.random.default_rng(seed)
-    k = np.hypot(*np.meshgrid(np.fft.fftfreq(npix), np.fft.fftfreq(npix), indexing="ij"))
-    amp = np.power(k, -1.2, out=np.zeros_like(k), where=k > 0)
-    f = np.fft.ifft2(amp * np.fft.fft2(rng.normal(size=(n, npix, npix)))).real
-    return (0.02 * f / f.std())[:, None]
-
-
 def test_sample_check_fractional_errors(tmp_path):
-    ref = _grf(64, 32, 0)
+    ref = periodic_grf(64, RED, 0, std=0.02)[:, None]
     chk = {"smoothing_arcmin": 4.0}
     same = sample_check(_Stub(ref.copy(), 32, 2.0), ref, check=chk, out_dir=tmp_path, tag="t")
     for k in ("cl_frac_max", "peaks_frac_max", "pdf_frac_max"):
@@ -268,7 +253,7 @@ def test_sample_check_fractional_errors(tmp_path):
     assert scaled["metrics"]["cl_frac_mean"] == pytest.approx(0.44, rel=1e-9)
     assert scaled["metrics"]["std_ratio"] == pytest.approx(1.2, rel=1e-9)
     # independent maps of the same field: C_ell within the sample variance of 64 maps
-    other = sample_check(_Stub(_grf(64, 32, 1), 32, 2.0), ref)
+    other = sample_check(_Stub(periodic_grf(64, RED, 1, std=0.02)[:, None], 32, 2.0), ref)
     assert other["metrics"]["cl_frac_mean"] < 0.15
     bad = np.full_like(ref, np.nan)
     res = sample_check(_Stub(bad, 32, 2.0), ref)
@@ -338,41 +323,33 @@ def test_a_checkpoint_in_the_old_format_still_loads_and_samples_the_same_maps(tr
 
 
 def test_the_training_check_gives_validates_numbers_for_the_same_maps(tmp_path):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
     from lensflow.validate import validate
 
-    ref = _grf(64, 32, 0).astype(np.float32)
-    cand = (1.05 * _grf(64, 32, 1)).astype(np.float32)
+    ref = periodic_grf(64, RED, 0, std=0.02)[:, None].astype(np.float32)
+    cand = (1.05 * periodic_grf(64, RED, 1, std=0.02)[:, None]).astype(np.float32)
     meta = StoreMeta(pixel_arcmin=2.0, source_redshifts=(1.0,), periodic=True)
     write_store(tmp_path / "ref.h5", ref, meta)
     write_store(tmp_path / "cand.h5", cand, StoreMeta(2.0, (1.0,), periodic=True, kind="mock"))
     chk = CheckSettings(smoothing_arcmin=4.0, n_bins=12)
     check = sample_check(_Stub(cand, 32, 2.0), ref, check=chk)
     opts = check_options(chk, meta)
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-        cfg = compose(
-            config_name="validate",
-            overrides=[
-                f"reference={tmp_path / 'ref.h5'}",
-                f"candidate={tmp_path / 'cand.h5'}",
-                f"out={tmp_path / 'val'}",
-                "reference_split=all",
-                "candidate_split=all",
-                "max_maps=null",
-                f"statistics=[{','.join(opts['statistics'])}]",
-                f"smoothing_arcmin={opts['smoothing_arcmin']}",
-                f"bins.peak_edges={opts['bins']['peak_edges']}",
-                f"bins.pdf_edges={opts['bins']['pdf_edges']}",
-                "memorization.enabled=false",
-                "figures.enabled=false",
-                "progress=false",
-                "device=cpu",
-            ],
-        )
-    GlobalHydra.instance().clear()
+    cfg = compose(
+        "validate",
+        f"reference={tmp_path / 'ref.h5'}",
+        f"candidate={tmp_path / 'cand.h5'}",
+        f"out={tmp_path / 'val'}",
+        "reference_split=all",
+        "candidate_split=all",
+        "max_maps=null",
+        f"statistics=[{','.join(opts['statistics'])}]",
+        f"smoothing_arcmin={opts['smoothing_arcmin']}",
+        f"bins.peak_edges={opts['bins']['peak_edges']}",
+        f"bins.pdf_edges={opts['bins']['pdf_edges']}",
+        "memorization.enabled=false",
+        "figures.enabled=false",
+        "progress=false",
+        "device=cpu",
+    )
     summary = validate(cfg)
     rows = {r["statistic"]: r for r in summary["table"]}
     assert set(check["bins"]) == {"cl", "peaks", "pdf"}

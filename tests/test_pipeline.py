@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from helpers.config import TINY_PIPELINE as TINY
+
 from lensflow.mapstore import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,33 +19,6 @@ def _runner():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-TINY = [
-    "+experiment=kappa_quick",
-    "data.simulate.n_maps=60",
-    "data.simulate.npix=16",
-    "data.simulate.pixel_arcmin=4.0",
-    "data.simulate.sim.cosmology.m_nu=0.0",
-    "model.levels=2",
-    "model.steps=2",
-    "model.hidden=8",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "data.batch_size=8",
-    "data.norm_maps=32",
-    "logger=csv",
-    "trainer.enable_progress_bar=false",
-    "check.n_samples=8",
-    "validate.max_maps=16",
-    "validate.statistics=[cl,pdf]",
-    "validate.smoothing_arcmin=[8.0]",
-    "validate.memorization.enabled=false",
-    "validate.figures.sample_maps=2",
-    "validate.progress=false",
-    "generate.progress=false",
-    "generate.accelerator=cpu",
-]
 
 
 def _records(run_dir: Path) -> dict[str, dict]:

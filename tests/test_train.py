@@ -15,7 +15,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from helpers.config import TINY_TRAIN as TINY
+from helpers.config import compose
 from hydra.core.global_hydra import GlobalHydra
 
 from lensflow.mapstore import open_store
@@ -23,32 +24,6 @@ from lensflow.module import GlowModule, TrainingDivergedError, load_glow_module
 from lensflow.train import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Shrinks any experiment to seconds: 32x32 maps (massless neutrinos: a fast CAMB set-up), a 1-step Glow.
-TINY = [
-    "logger=csv",
-    "trainer=cpu",
-    "data.simulate.n_maps=400",
-    "data.simulate.npix=32",
-    "data.simulate.pixel_arcmin=3.28",
-    "data.simulate.sim.cosmology.m_nu=0.0",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "data.max_val_maps=32",
-    "model.levels=2",
-    "model.steps=1",
-    "model.hidden=8",
-    "optim.warmup_steps=2",
-    "trainer.max_steps=3",
-    "trainer.limit_train_batches=3",
-    "trainer.val_check_interval=null",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "check.every=1",
-    "check.n_samples=16",
-    "check.batch_size=16",
-]
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +38,6 @@ def _quiet_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     yield
     GlobalHydra.instance().clear()
-
-
-def _cfg(*overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 class _Recorder(L.Callback):
@@ -103,7 +72,7 @@ def test_experiment_composes_and_trains_a_few_steps(experiment, data_dir, tmp_pa
     if experiment == "kappa_cond":
         extra = ["data.simulate.n_maps=60", "data.simulate.grid={Omega_m:[0.28,0.34],sigma_8:[0.76,0.84]}"]
     paths = [f"paths.data_dir={data_dir}", f"paths.run_dir={tmp_path}"]
-    cfg = _cfg(f"+experiment={experiment}", *TINY, *extra, *paths)
+    cfg = compose("train", f"+experiment={experiment}", *TINY, *extra, *paths)
     assert cfg.name == experiment and cfg.model.log_shift
     res = train(cfg)
     assert res["global_step"] == 3
@@ -148,20 +117,20 @@ def test_resume_gives_the_same_losses_and_weights(data_dir, tmp_path):
         "seed=3",
     ]
     ref = _Recorder()
-    a = train(_cfg(*base, f"paths.run_dir={tmp_path / 'a'}"), callbacks=[ref])
+    a = train(compose("train", *base, f"paths.run_dir={tmp_path / 'a'}"), callbacks=[ref])
     assert sorted(ref.losses) == list(range(1, 27))
 
     # Interrupted run: a periodic last.ckpt at step 7 (copied aside), stopped after step 10.
     part = _Recorder(stop_at=10, copy_last_at=7, dest=tmp_path / "step7.ckpt")
     train(
-        _cfg(*base, f"paths.run_dir={tmp_path / 'b'}", "callbacks.checkpoint.last_every_n_steps=7"),
+        compose("train", *base, f"paths.run_dir={tmp_path / 'b'}", "callbacks.checkpoint.last_every_n_steps=7"),
         callbacks=[part],
     )
     assert max(part.losses) == 10
     for start, ckpt in ((10, tmp_path / "b" / "checkpoints" / "last.ckpt"), (7, tmp_path / "step7.ckpt")):
         assert torch.load(ckpt, weights_only=True)["global_step"] == start
         rec = _Recorder()
-        cfg = _cfg(*base, f"paths.run_dir={tmp_path / f'c{start}'}", f"ckpt_path={ckpt}")
+        cfg = compose("train", *base, f"paths.run_dir={tmp_path / f'c{start}'}", f"ckpt_path={ckpt}")
         c = train(cfg, callbacks=[rec])
         assert sorted(rec.losses) == list(range(start + 1, 27))
         assert [rec.losses[s] for s in rec.losses] == [ref.losses[s] for s in rec.losses]
@@ -194,7 +163,8 @@ def _all_finite(ckpt):
 
 
 def test_nonfinite_steps_are_skipped_and_counted(data_dir, tmp_path):
-    cfg = _cfg(
+    cfg = compose(
+        "train",
         *TINY,
         "trainer.max_steps=6",
         "trainer.limit_train_batches=null",
@@ -211,7 +181,8 @@ def test_nonfinite_steps_are_skipped_and_counted(data_dir, tmp_path):
 
 
 def test_a_stream_of_nonfinite_losses_stops_the_run(data_dir, tmp_path):
-    cfg = _cfg(
+    cfg = compose(
+        "train",
         *TINY,
         "trainer.max_steps=50",
         "trainer.limit_train_batches=null",
@@ -233,30 +204,6 @@ def test_a_stream_of_nonfinite_losses_stops_the_run(data_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    from lensflow.simulate import ensure_simulated
-
-    spec = {
-        "n_maps": 400,
-        "npix": 32,
-        "pixel_arcmin": 3.28,
-        "sim": {"cosmology": {"m_nu": 0.0}},
-        "progress": False,
-    }
-    return ensure_simulated(spec, tmp_path_factory.mktemp("store"))
-
-
-def _run_main(monkeypatch, capsys, tmp_path, *args):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lensflow.train", *args, f"hydra.run.dir={tmp_path / 'run'}"])
-    GlobalHydra.instance().clear()
-    with pytest.raises(SystemExit) as e:
-        main()
-    err = capsys.readouterr().err.strip().splitlines()
-    return e.value.code, err
-
-
 def _other_model_ckpt(path, hidden):
     meta = {"pixel_arcmin": 3.28, "source_redshifts": [1.0], "periodic": False, "npix": 32, "channels": 1}
     mod = GlowModule(model={"levels": 2, "steps": 1, "hidden": hidden}, map_meta=meta)
@@ -271,8 +218,10 @@ def _other_model_ckpt(path, hidden):
     return path
 
 
-def test_bad_input_gives_one_line(monkeypatch, capsys, tmp_path, tiny_store):
+def test_bad_input_gives_one_line(monkeypatch, run_command, tmp_path, tiny_store):
     import h5py
+
+    monkeypatch.chdir(tmp_path)
 
     with h5py.File(tmp_path / "wrong.h5", "w") as f:
         f["maps"] = np.zeros((2, 8, 8))
@@ -292,7 +241,7 @@ def test_bad_input_gives_one_line(monkeypatch, capsys, tmp_path, tiny_store):
         ),
     ]
     for args, msg in cases:
-        code, err = _run_main(monkeypatch, capsys, tmp_path, *args)
+        code, err = run_command(main, *args, f"hydra.run.dir={tmp_path / 'run'}")
         assert code == 2, (args, err)
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (args, err)
 
@@ -435,7 +384,7 @@ def test_the_yaml_values_are_the_library_defaults():
     from lensflow.training.callbacks import CallbackSettings
     from lensflow.training.settings import CheckSettings, ModelSettings, OptimSettings
 
-    cfg = _cfg()
+    cfg = compose("train")
     assert ModelSettings.from_mapping(cfg.model) == ModelSettings()
     assert OptimSettings.from_mapping(cfg.optim) == OptimSettings()
     assert CheckSettings.from_mapping(cfg.check) == CheckSettings()
@@ -443,7 +392,7 @@ def test_the_yaml_values_are_the_library_defaults():
 
 
 def test_train_outputs_are_readable_by_the_group_under_umask_022(data_dir, tmp_path):
-    cfg = _cfg(*TINY, f"paths.data_dir={data_dir}", f"paths.run_dir={tmp_path}")
+    cfg = compose("train", *TINY, f"paths.data_dir={data_dir}", f"paths.run_dir={tmp_path}")
     old = os.umask(0o022)
     try:
         res = train(cfg)

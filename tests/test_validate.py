@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from helpers.config import compose
+from helpers.cosmology import SIMPLE as COSMO
 
 from lensflow import validate as V
 from lensflow.mapstore import StoreMeta, open_store, write_store
 from lensflow.sims.flat import simulate_maps
 
-COSMO = {"Omega_m": 0.3, "Omega_b": 0.045, "h": 0.7, "sigma_8": 0.8, "n_s": 0.96}
 NPIX, PIX = 32, 2.0
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["smoothing_arcmin=[2.0]", "progress=false", "max_maps=80", "figures.dpi=50"]
@@ -38,23 +37,6 @@ def stores(tmp_path_factory):
     write_store(d / "copies.h5", train, mock_meta)
     write_store(d / "coarse.h5", sims[:8], StoreMeta(pixel_arcmin=4.0, source_redshifts=(1.0,)))
     return d
-
-
-def _cfg(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-        return compose("validate", overrides=list(overrides))
-
-
-def _run_main(monkeypatch, args: list[str]) -> int:
-    monkeypatch.setattr(sys, "argv", ["lensflow.validate", *args])
-    GlobalHydra.instance().clear()
-    try:
-        with pytest.raises(SystemExit) as exc:
-            V.main()
-    finally:
-        GlobalHydra.instance().clear()
-    return int(exc.value.code or 0)
 
 
 def test_cli_end_to_end_writes_every_output(stores, tmp_path):
@@ -120,24 +102,22 @@ def test_cli_end_to_end_writes_every_output(stores, tmp_path):
     assert (out / "validation_report.html").stat().st_size > 10_000
 
 
-def test_copies_of_training_maps_exit_1(stores, tmp_path, monkeypatch, capsys):
+def test_copies_of_training_maps_exit_1(stores, tmp_path, run_command):
     out = tmp_path / "copies"
-    code = _run_main(
-        monkeypatch,
-        [
-            f"reference={stores / 'sims.h5'}",
-            f"candidate={stores / 'copies.h5'}",
-            f"out={out}",
-            *FAST,
-            "statistics=[cl,pdf]",
-            "figures.sample_maps=2",
-        ],
+    code, err = run_command(
+        V.main,
+        f"reference={stores / 'sims.h5'}",
+        f"candidate={stores / 'copies.h5'}",
+        f"out={out}",
+        *FAST,
+        "statistics=[cl,pdf]",
+        "figures.sample_maps=2",
     )
     assert code == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verdicts"]["memorization"] is False
     assert summary["memorization"]["near_fraction_candidate"] == 1.0
-    assert "FAIL" in capsys.readouterr().err
+    assert "FAIL" in "\n".join(err)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +129,7 @@ def test_copies_of_training_maps_exit_1(stores, tmp_path, monkeypatch, capsys):
         (["candidate=MOCKS", "out=OUT"], "reference"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(stores, tmp_path, monkeypatch, capsys, args, match):
+def test_bad_input_is_one_line_exit_2(stores, tmp_path, run_command, args, match):
     subst = {
         "SIMS": str(stores / "sims.h5"),
         "MOCKS": str(stores / "mocks.h5"),
@@ -157,27 +137,36 @@ def test_bad_input_is_one_line_exit_2(stores, tmp_path, monkeypatch, capsys, arg
         "OUT": str(tmp_path / "o"),
     }
     args = [a.split("=")[0] + "=" + subst.get(a.split("=", 1)[1], a.split("=", 1)[1]) for a in args]
-    assert _run_main(monkeypatch, [*args, "progress=false"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    code, err = run_command(V.main, *args, "progress=false")
+    assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
 
 
 def test_bad_config_values_raise_value_errors(stores, tmp_path):
     base = [f"reference={stores / 'sims.h5'}", f"candidate={stores / 'mocks.h5'}", *FAST, "figures.enabled=false"]
     with pytest.raises(ValueError, match="statistics"):
-        V.validate(_cfg(*base, f"out={tmp_path / 'a'}", "statistics=[cl,bispectrum]"))
+        V.validate(compose("validate", *base, f"out={tmp_path / 'a'}", "statistics=[cl,bispectrum]"))
     with pytest.raises(ValueError, match="select: .* has no parameter"):
-        V.validate(_cfg(*base, f"out={tmp_path / 'b'}", "+select.Omega_m=0.3"))
+        V.validate(compose("validate", *base, f"out={tmp_path / 'b'}", "+select.Omega_m=0.3"))
     with pytest.raises(ValueError, match="memorization: the held-out maps"):
-        V.validate(_cfg(*base, f"out={tmp_path / 'c'}", "reference_split=train", "memorization.enabled=true"))
+        V.validate(
+            compose("validate", *base, f"out={tmp_path / 'c'}", "reference_split=train", "memorization.enabled=true")
+        )
     with pytest.raises(ValueError, match="tolerances: unknown key"):
-        V.validate({**_container(_cfg(*base, f"out={tmp_path / 'd'}")), "tolerances": {"mean": 0.1}})
+        V.validate({**_container(compose("validate", *base, f"out={tmp_path / 'd'}")), "tolerances": {"mean": 0.1}})
     with pytest.raises(ValueError, match="notebook.path"):
-        V.validate(_cfg(*base, f"out={tmp_path / 'g'}", "notebook.execute=true", "notebook.path=/no/such.ipynb"))
+        V.validate(
+            compose("validate", *base, f"out={tmp_path / 'g'}", "notebook.execute=true", "notebook.path=/no/such.ipynb")
+        )
     with pytest.raises(ValueError, match="nu_sigma"):
-        V.validate(_cfg(*base, f"out={tmp_path / 'e'}", "bins.nu_sigma=noise"))
-    done = _cfg(
-        *base, f"out={tmp_path / 'f'}", "statistics=[cl]", "memorization.enabled=false", "figures.sample_maps=0"
+        V.validate(compose("validate", *base, f"out={tmp_path / 'e'}", "bins.nu_sigma=noise"))
+    done = compose(
+        "validate",
+        *base,
+        f"out={tmp_path / 'f'}",
+        "statistics=[cl]",
+        "memorization.enabled=false",
+        "figures.sample_maps=0",
     )
     V.validate(done)
     with pytest.raises(FileExistsError, match="overwrite=true"):
@@ -202,14 +191,14 @@ def test_shape_noise_is_independent_per_set_and_seeded(stores, tmp_path):
         "memorization.enabled=false",
         "figures.enabled=false",
     ]
-    V.validate(_cfg(*base, f"out={tmp_path / 'clean'}"))
+    V.validate(compose("validate", *base, f"out={tmp_path / 'clean'}"))
     clean = V.read_stats(tmp_path / "clean" / "stats.h5")
     for name, ref in clean["reference"].items():
         np.testing.assert_array_equal(ref, clean["candidate"][name])
 
     runs = []
     for k in range(2):
-        s = V.validate(_cfg(*base, f"out={tmp_path / f'noisy{k}'}", "noise.model=survey", "seed=7"))
+        s = V.validate(compose("validate", *base, f"out={tmp_path / f'noisy{k}'}", "noise.model=survey", "seed=7"))
         runs.append(V.read_stats(tmp_path / f"noisy{k}" / "stats.h5"))
     assert s["summary_config"]["sigma_e"] == 0.26 and s["summary_config"]["sigma_ref"] is None
     assert any("same store" in w for w in s["warnings"])
@@ -281,7 +270,9 @@ def test_outputs_respect_the_umask(stores, tmp_path):
     old = os.umask(0o022)
     try:
         base = [f"reference={stores / 'sims.h5'}", f"candidate={stores / 'mocks.h5'}", f"out={out}", *FAST]
-        V.validate(_cfg(*base, "statistics=[cl,pdf]", "memorization.enabled=false", "figures.sample_maps=2"))
+        V.validate(
+            compose("validate", *base, "statistics=[cl,pdf]", "memorization.enabled=false", "figures.sample_maps=2")
+        )
     finally:
         os.umask(old)
     written = ["summary.json", "stats.h5", "report.html", "sample_maps.png", "stat_cl.png"]
@@ -297,7 +288,8 @@ def test_arrays_and_stores_give_identical_statistics(stores, tmp_path):
 
     for noise in ("none", "survey"):
         out = tmp_path / noise
-        cfg = _cfg(
+        cfg = compose(
+            "validate",
             f"reference={stores / 'sims.h5'}",
             f"candidate={stores / 'mocks.h5'}",
             f"out={out}",
@@ -332,7 +324,7 @@ def test_partial_options_take_the_yaml_defaults():
     from lensflow.compare import MemorizationTolerances, Tolerances
     from lensflow.validation import MeasureOptions, load_config
 
-    cfg = _cfg("reference=a.h5", "candidate=b.h5", "out=o")
+    cfg = compose("validate", "reference=a.h5", "candidate=b.h5", "out=o")
     assert MeasureOptions.from_mapping({}) == MeasureOptions.from_mapping(cfg)
     assert MeasureOptions.from_mapping({}).smoothing_arcmin == (2.0, 4.0)
     assert MeasureOptions.from_mapping({"smoothing_arcmin": [3.0]}).smoothing_arcmin == (3.0,)

@@ -17,12 +17,14 @@ def _rng(rng: np.random.Generator | int) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def periodic_grf(n: int, amplitude: np.ndarray, rng: np.random.Generator | int) -> np.ndarray:
+def periodic_grf(n: int, amplitude: np.ndarray, rng: np.random.Generator | int, std: float | None = None) -> np.ndarray:
     """[n, N, N] periodic Gaussian fields ``ifft2(amplitude * fft2(white))``: with ``amplitude = sqrt(P)``
-    (P per full-plane DFT mode, symmetric under k -> -k) the covariance is U^H diag(P) U for the unitary DFT U."""
+    (P per full-plane DFT mode, symmetric under k -> -k) the covariance is U^H diag(P) U for the unitary DFT U.
+    With ``std`` the fields are then scaled to that standard deviation over all ``n`` maps together."""
     npix = amplitude.shape[-1]
     w = _rng(rng).standard_normal((n, npix, npix))
-    return np.fft.ifft2(amplitude * np.fft.fft2(w)).real
+    f = np.fft.ifft2(amplitude * np.fft.fft2(w)).real
+    return f if std is None else std * f / f.std()
 
 
 def power_law_amplitude(npix: int, slope: float) -> np.ndarray:

@@ -32,15 +32,21 @@ def noise_store(
     periodic: bool = False,
     pixel_arcmin: float = 2.0,
     seed: int = 1,
+    source_redshifts: Sequence[float] | None = None,
+    param_ranges: Sequence[tuple[float, float]] | None = None,
 ) -> Path:
     """A store of ``n`` maps N(0, 0.02²) [n, channels, npix, npix]; with ``cond`` (two names) per-map params drawn
-    from {0.25, 0.3, 0.35} x {0.75, 0.85}; source redshifts 0.5, 1.0 for the channels."""
+    from {0.25, 0.3, 0.35} x {0.75, 0.85}, or with ``param_ranges`` uniformly from one ``(low, high)`` per name
+    (drawn after the maps, one name after the other); source redshifts 0.5, 1.0 for the channels unless
+    ``source_redshifts`` are given."""
     rng = np.random.default_rng(seed)
     maps = rng.normal(0.0, 0.02, (n, channels, npix, npix)).astype(np.float32)
     params = None
-    if cond:
+    if cond and param_ranges is not None:
+        params = np.stack([rng.uniform(low, high, n) for low, high in param_ranges], axis=1)
+    elif cond:
         params = np.stack([rng.choice([0.25, 0.3, 0.35], n), rng.choice([0.75, 0.85], n)], axis=1)
-    zs = (0.5, 1.0)[:channels]
+    zs = (0.5, 1.0)[:channels] if source_redshifts is None else tuple(source_redshifts)
     meta = StoreMeta(pixel_arcmin, zs, periodic=periodic, param_names=tuple(cond))
     return write_store(path, maps, meta, params=params)
 
@@ -61,8 +67,13 @@ def train_tiny(
     trainer_kwargs: Mapping[str, Any] | None = None,
     batch_size: int = 16,
     steps: int = 3,
+    map_meta: bool = True,
 ) -> tuple[Any, Any]:
-    """A tiny GlowModule trained ``steps`` steps on ``store`` by a Lightning Trainer: (module, trainer)."""
+    """A tiny GlowModule trained ``steps`` steps on ``store`` by a Lightning Trainer: (module, trainer).
+
+    The module describes its maps by ``dm.map_meta()`` (the lensflow 0.1 dict, whose models take the 0.1 model
+    defaults) or, with ``map_meta=False``, by the store's ``meta``, ``npix`` and ``store`` as
+    :mod:`lensflow.train` builds it."""
     import lightning as L
 
     from lensflow.data import KappaDataModule
@@ -70,10 +81,11 @@ def train_tiny(
 
     dm = KappaDataModule(store, batch_size=batch_size, num_workers=0, cond=list(cond) or None)
     kwargs = {"check": {"every": 0, "final": False}, "seed": 3, **dict(module_kwargs or {})}
+    maps = {"map_meta": dm.map_meta()} if map_meta else {"meta": dm.meta, "npix": dm.npix, "store": dm.store_path}
     module = GlowModule(
         model=dict(model or {"levels": 2, "steps": 2, "hidden": 16}),
-        map_meta=dm.map_meta(),
         param_names=dm.param_names,
+        **maps,
         **kwargs,
     )
     mean, std = dm.cond_stats()
