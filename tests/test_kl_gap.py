@@ -8,31 +8,19 @@ import math
 
 import numpy as np
 import pytest
-from helpers.config import compose
+from helpers.config import TINY_TRAIN, compose
 from helpers.stores import noise_store, train_tiny
 
 import lensflow
 from lensflow.mapstore import open_store
 from lensflow.sims.truth import StoreTruth
 
-TINY_TRAIN = [
-    "logger=csv",
-    "trainer=cpu",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "data.max_val_maps=32",
-    "model.levels=2",
-    "model.steps=1",
-    "model.hidden=8",
-    "optim.warmup_steps=2",
+# the shared tiny run, trained 4 steps with the KL gap on 24 validation and 12 training maps and no in-training check
+TINY_KL = [
+    *TINY_TRAIN,
     "trainer.max_steps=4",
     "trainer.limit_train_batches=4",
-    "trainer.val_check_interval=null",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.enable_progress_bar=false",
     "check.every=0",
-    "check.n_samples=16",
-    "check.batch_size=16",
     "check.kl_maps=24",
     "check.kl_train_maps=12",
 ]
@@ -51,7 +39,7 @@ def test_a_tiny_training_run_reports_its_kl_gap(tiny_store, tmp_path):
     from lensflow.training import train
     from lensflow.training.text import train_summary_text
 
-    cfg = compose("train", *TINY_TRAIN, f"data.path={tiny_store}", f"paths.run_dir={tmp_path / 'r'}")
+    cfg = compose("train", *TINY_KL, f"data.path={tiny_store}", f"paths.run_dir={tmp_path / 'r'}")
     res = train(cfg)
     kl = res["summary"]["kl"]
     assert kl["available"] and kl["val_kl_maps"] == 24 and kl["train_kl_maps"] == 12
@@ -71,7 +59,7 @@ def test_a_store_without_an_exact_likelihood_says_so(tmp_path):
     from lensflow.training import train
 
     store = noise_store(tmp_path / "noise.h5", n=64, npix=16)
-    cfg = compose("train", *TINY_TRAIN, f"data.path={store}", f"paths.run_dir={tmp_path / 'r'}")
+    cfg = compose("train", *TINY_KL, f"data.path={store}", f"paths.run_dir={tmp_path / 'r'}")
     kl = train(cfg)["summary"]["kl"]
     assert kl["available"] is False and "not written by a built-in flat simulator" in kl["reason"]
 

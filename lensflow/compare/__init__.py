@@ -100,8 +100,9 @@ Layout
 ``tolerances`` (:class:`Tolerances`, :class:`MemorizationTolerances`, :func:`per_bin_sigma`), ``metrics``
 (the two-sample metrics above), ``verdict`` (:func:`compare_statistic`, one helper per criterion;
 :func:`summary_rows`), ``joint`` (:func:`compare`: the report-level decision), ``permutation`` (the
-calibrated family thresholds), ``omnibus`` (the energy-distance test) and ``memorization``. Everything public is re-exported here, so
-``from lensflow.compare import compare`` and ``import lensflow.compare as cmp`` work as before.
+calibrated family thresholds), ``omnibus`` (the energy-distance test) and ``memorization``. Everything public
+is re-exported here, so ``from lensflow.compare import compare`` and ``import lensflow.compare as cmp`` work as
+before.
 """
 
 from __future__ import annotations
