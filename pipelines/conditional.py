@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-grid", type=int, default=9, help="KL map points per parameter")
     p.add_argument("--kl-grid-maps", type=int, default=200)
     p.add_argument("--infer-maps", type=int, default=25, help="maps per held-out interior θ for infer")
+    p.add_argument("--infer-grid", type=int, default=15, help="infer's grid nodes per parameter (exact: ~3 s each)")
     p.add_argument("--skip-infer", action="store_true")
     a = p.parse_args(argv)
     setup_logging()
@@ -173,7 +174,15 @@ def run_infer(a: argparse.Namespace, out: Path) -> None:
     ]
     simulate(cli.compose("simulate", overrides))
     cfg = cli.compose(
-        "infer", [f"ckpt={a.ckpt}", f"maps={store}", f"out={out / 'infer'}", "max_maps=null", "overwrite=true"]
+        "infer",
+        [
+            f"ckpt={a.ckpt}",
+            f"maps={store}",
+            f"out={out / 'infer'}",
+            "max_maps=null",
+            "overwrite=true",
+            f"grid_points={a.infer_grid}",
+        ],
     )
     summary = infer(cfg)
     print(json.dumps(summary["aggregate"], indent=1), flush=True)

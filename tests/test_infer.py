@@ -143,3 +143,16 @@ def test_infer_bad_input_is_one_line(cond_ckpt, tmp_path, run_command, tiny_chec
         res = _infer(run_command, *args)
         assert res.code == 2, (args, res.err)
         assert len(res.err) == 1 and res.err[0].startswith("error: ") and match in res.err[0], (args, res.err)
+
+
+def test_a_posterior_narrower_than_a_grid_cell_still_draws(tmp_path):
+    # both HPD masses fall in one cell: the contour levels collapse to one (matplotlib refuses repeated levels)
+    from lensflow.report.figures import save_figure
+    from lensflow.report.posterior import corner_figure
+
+    axes = [np.linspace(0.2, 0.4, 5), np.linspace(0.7, 0.9, 5)]
+    spike = np.full((5, 5), 1e-12)
+    spike[2, 3] = 1.0
+    fig = corner_figure(axes, ["Omega_m", "sigma_8"], {"emulator": spike, "exact": spike.T}, truth=[0.3, 0.85])
+    save_figure(fig, tmp_path / "corner.png", 60)
+    assert (tmp_path / "corner.png").stat().st_size > 0

@@ -359,3 +359,22 @@ def test_the_training_check_gives_validates_numbers_for_the_same_maps(tmp_path):
         assert ours == summary["statistics"][name]["frac_error_mean"]  # bin by bin, bit for bit
         assert check["metrics"][f"{key}_frac_max"] == rows[name]["max_abs_frac_error"]
     assert check["metrics"]["cl_frac_mean"] > 0.05  # 1.05^2: the C_ell are 10 % high
+
+
+def test_the_crop_gaussian_is_fitted_on_the_normalisation_maps_and_shared_with_the_ema_model():
+    # an untrained Glow is the identity behind the whitening, so its samples are the fitted Gaussian: the training
+    # maps' lag correlations (crops of red periodic fields: not stationary in the DCT sense, stationary in ξ)
+    train = periodic_grf(4000, power_law_amplitude(32, -1.2), 3, std=0.02)[:, None, 8:24, 8:24]
+    mod = _module(stationary=True, stationary_dense=True)
+    mod.fit_normalization(train)
+    torch.testing.assert_close(mod.glow_ema.stationary.xi, mod.glow.stationary.xi, rtol=0, atol=0)
+    x = mod.sample(2000, generator=torch.Generator().manual_seed(4)).double().numpy()[:, 0]
+    t = train[:, 0]
+
+    def lag_corr(m, du, dv):
+        a, b = m[:, : 16 - du, : 16 - dv], m[:, du:, dv:]
+        return float(((a - m.mean()) * (b - m.mean())).mean() / m.var())
+
+    for du, dv in ((1, 0), (0, 3), (2, 2), (8, 1)):
+        assert lag_corr(x, du, dv) == pytest.approx(lag_corr(t, du, dv), abs=0.02)
+    assert x.std() / t.std() == pytest.approx(1.0, abs=0.02)

@@ -50,6 +50,8 @@ _GLOW_KEYS = (
     "learn_top_prior",
     "stationary",
     "stationary_knots",
+    "stationary_low_modes",
+    "stationary_dense",
 )
 
 
@@ -100,7 +102,7 @@ def train_variant(
     C, npix = train.shape[1], train.shape[-1]
     glow = build_glow(C, npix, model, bool(data["periodic"]), seed)
     n_norm = min(len(train), int(run["norm_maps"]))
-    glow.preprocess.fit(train[:n_norm])
+    glow.fit_preprocessing(train[:n_norm])
     g = torch.Generator().manual_seed(seed)
     glow.initialize(torch.from_numpy(train[torch.randperm(len(train), generator=g)[:512].numpy()]))
     ema = copy.deepcopy(glow).requires_grad_(False)
@@ -150,6 +152,7 @@ def train_variant(
         "params": n_params,
         "history": history,
         "shift": glow.preprocess.shift.tolist() if glow.preprocess.log_shift else None,
+        "model": ema,  # the scored EMA model (not part of the bench rows)
     }
 
 

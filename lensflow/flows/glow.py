@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import acc_dtype, check_padding, check_positive_int
+from .crop_gaussian import CropGaussian
 from .preprocess import Preprocess
 from .split import Split, TopPrior
 from .squeeze import Squeeze
@@ -57,6 +58,9 @@ class Glow(nn.Module):
         stationary: put a :class:`~lensflow.flows.stationary.StationaryGaussian` layer after the preprocessing
             (Hartley basis for circular padding, i.e. periodic maps, DCT-II otherwise; conditioned like the rest).
         stationary_knots: radial knots of that layer's filter.
+        stationary_low_modes: side of the block of lowest modes that layer whitens with one dense matrix (0: none).
+        stationary_dense: use the fitted exact Gaussian of a stationary field on the crop instead
+            (:class:`~lensflow.flows.crop_gaussian.CropGaussian`: unconditional, at most 8,192 pixels × channels).
     """
 
     def __init__(
@@ -76,6 +80,8 @@ class Glow(nn.Module):
         init_seed: int | None = None,
         stationary: bool = False,
         stationary_knots: int = 24,
+        stationary_low_modes: int = 0,
+        stationary_dense: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -111,11 +117,27 @@ class Glow(nn.Module):
         self.prior_bound = float(prior_bound)
         self.learn_top_prior = bool(learn_top_prior)
         self.stationary_knots = int(stationary_knots)
+        self.stationary_low_modes = int(stationary_low_modes)
         self.preprocess = preprocess
         self.squeeze = Squeeze()
 
-        self.stationary = (
-            StationaryGaussian(in_channels, image_size, padding == "circular", self.stationary_knots, cond_dim)
+        self.stationary_dense = bool(stationary and stationary_dense)
+        if self.stationary_dense and cond_dim:
+            raise ValueError(
+                "stationary_dense=True has no conditioning (its correlation function is of one cosmology); "
+                "use the stationary filter (stationary_dense=False) for a conditional model"
+            )
+        self.stationary: StationaryGaussian | CropGaussian | None = (
+            CropGaussian(in_channels, image_size)
+            if self.stationary_dense
+            else StationaryGaussian(
+                in_channels,
+                image_size,
+                padding == "circular",
+                self.stationary_knots,
+                cond_dim,
+                self.stationary_low_modes,
+            )
             if stationary
             else None
         )
@@ -176,6 +198,8 @@ class Glow(nn.Module):
             "learn_top_prior": self.learn_top_prior,
             "stationary": self.stationary is not None,
             "stationary_knots": self.stationary_knots,
+            "stationary_low_modes": self.stationary_low_modes,
+            "stationary_dense": self.stationary_dense,
             "log_shift": self.preprocess.log_shift,
             "margin": self.preprocess.margin,
             "shift_method": self.preprocess.shift_method,
@@ -193,6 +217,19 @@ class Glow(nn.Module):
             shift_method=cfg.pop("shift_method", "margin"),
         )
         return cls(preprocess=pre, init_seed=init_seed, **cfg)
+
+    @torch.no_grad()
+    def fit_preprocessing(self, maps: Tensor | Any, chunk: int = 256) -> None:
+        """Fit the fixed parts in front of the flow on training maps [N, C, H, W] (κ): the preprocessing statistics,
+        then the stationary layer's whitening (its data-dependent initialisation, on all of these maps rather than
+        one batch: a dense correlation or low-mode block needs many maps)."""
+        self.preprocess.fit(maps, chunk=chunk)
+        if self.stationary is None:
+            return
+        x = torch.as_tensor(maps)
+        dev = self.preprocess.mean.device
+        parts = [self.preprocess(x[i : i + chunk].to(dev, torch.float64))[0] for i in range(0, x.shape[0], chunk)]
+        self.stationary.initialize(torch.cat(parts))
 
     # -- checks -------------------------------------------------------------------------------------------
     def _check_x(self, x: Tensor) -> None:

@@ -22,7 +22,9 @@ def _levels(density: np.ndarray, masses: Sequence[float]) -> list[float]:
     """Density thresholds enclosing ``masses`` of the (cell-weighted) posterior, highest density first."""
     flat = np.sort(density.ravel())[::-1]
     cum = np.cumsum(flat) / flat.sum()
-    return sorted(float(flat[min(np.searchsorted(cum, m), flat.size - 1)]) for m in masses)
+    levels = sorted(float(flat[min(np.searchsorted(cum, m), flat.size - 1)]) for m in masses)
+    # a posterior narrower than a grid cell puts both masses in one cell: contour needs increasing levels
+    return [lv for i, lv in enumerate(levels) if i == 0 or lv > levels[i - 1]]
 
 
 def corner_figure(
@@ -52,7 +54,8 @@ def corner_figure(
         d = np.asarray(dens, dtype=float)
         if d.sum() <= 0:
             continue
-        ax_2d.contour(x, y, d.T, levels=_levels(d, (0.95, 0.68)), colors=[colour], linewidths=(0.8, 1.6))
+        levels = _levels(d, (0.95, 0.68))
+        ax_2d.contour(x, y, d.T, levels=levels, colors=[colour], linewidths=(0.8, 1.6)[-len(levels) :])
         mx, my = d.sum(axis=1), d.sum(axis=0)
         ax_x.plot(x, mx / np.trapezoid(mx, x), color=colour, label=label)
         ax_y.plot(my / np.trapezoid(my, y), y, color=colour)

@@ -168,9 +168,12 @@ class GlowModule(L.LightningModule):
         cond_mean: Sequence[float] | np.ndarray = (),
         cond_std: Sequence[float] | np.ndarray = (),
     ) -> None:
-        """Set the κ preprocessing from training maps [N, C, H, W] and the cond statistics [P] (physical)."""
-        self.glow.preprocess.fit(maps)
+        """Set the κ preprocessing (and the stationary layer's whitening) from training maps [N, C, H, W] and the
+        cond statistics [P] (physical)."""
+        self.glow.fit_preprocessing(maps)
         self.glow_ema.preprocess.load_state_dict(self.glow.preprocess.state_dict())
+        if self.glow.stationary is not None:
+            self.glow_ema.stationary.load_state_dict(self.glow.stationary.state_dict())
         mean = torch.as_tensor(np.asarray(cond_mean, dtype=np.float64).reshape(-1))
         std = torch.as_tensor(np.asarray(cond_std, dtype=np.float64).reshape(-1))
         if mean.numel() != len(self.param_names) or std.numel() != len(self.param_names):

@@ -1,0 +1,119 @@
+"""CropGaussian: the fitted exact Gaussian of a stationary field on a crop, against brute force and the simulator."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lensflow.flows import Glow, Preprocess
+from lensflow.flows.crop_gaussian import CropGaussian, crop_correlation
+from lensflow.sims.flat import FlatSimulator
+from lensflow.sims.theory import PLANCK18
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lagged_products_equal_a_brute_force_double_loop():
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sums, pairs = crop_correlation(x)
+    n = 5
+    for du in range(-(n - 1), n):
+        for dv in range(-(n - 1), n):
+            want = np.zeros((2, 2))
+            count = 0
+            for i in range(n):
+                for k in range(n):
+                    j, m = i + du, k + dv
+                    if 0 <= j < n and 0 <= m < n:
+                        count += 1
+                        want += np.einsum("ba,bc->ac", x[:, :, i, k].numpy(), x[:, :, j, m].numpy())
+            assert int(pairs[du + n - 1, dv + n - 1]) == count
+            np.testing.assert_allclose(sums[:, :, du + n - 1, dv + n - 1].numpy(), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_fitted_covariance_is_the_simulators_and_log_p_is_exact(channels):
+    # an independent reference: FlatSimulator's exact crop covariance and log-density (sims/exact.py)
+    sim = FlatSimulator(8, 4.0, dict(PLANCK18), [0.8, 1.5][:channels], kind="gaussian", periodic=False)
+    train = torch.from_numpy(sim.generate(20000, seed=[1, 0]).astype(np.float64))
+    layer = CropGaussian(channels, 8)
+    layer.initialize(train)
+    exact = torch.from_numpy(sim.likelihood.covariance())
+    cov = layer.covariance()
+    scale = float(exact.diagonal().mean())
+    assert float((cov - exact).abs().max()) < 0.03 * scale  # 20,000 maps: ξ to ~1 %
+    test = sim.generate(2000, seed=[2, 0]).astype(np.float64)
+    z, logdet = layer(torch.from_numpy(test))
+    d = z[0].numel()
+    model = logdet - 0.5 * (z**2).sum((1, 2, 3)) - 0.5 * d * math.log(2 * math.pi)
+    gap = (sim.log_prob(test) - model.numpy()) / d  # nats per pixel
+    assert abs(gap.mean()) < 2e-3  # a perfect model up to ξ's estimation noise
+    assert gap.std() < 0.02
+
+
+def test_inverse_and_log_det_against_the_brute_force_jacobian():
+    w = torch.randn(4000, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    # an isotropic, stationary field (periodic smoothing, then the channels mixed): what the layer assumes
+    x = w + 0.3 * sum(w.roll(s, dims=d) for s in (1, -1) for d in (-1, -2))
+    x = torch.stack([x[:, 0], 0.6 * x[:, 0] + 0.8 * x[:, 1]], dim=1)
+    layer = CropGaussian(2, 4)
+    layer.initialize(x)
+    y, logdet = layer(x[:2])
+    torch.testing.assert_close(layer.inverse(y), x[:2], rtol=0, atol=1e-12)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v.view(1, 2, 4, 4))[0].reshape(-1), x[0].reshape(-1))
+    assert float(logdet[0]) == pytest.approx(float(torch.linalg.slogdet(jac)[1]), abs=1e-9)
+    # whitened: the fitted maps have identity covariance
+    flat = layer(x)[0].reshape(4000, -1)
+    torch.testing.assert_close(flat.T @ flat / 4000, torch.eye(32, dtype=torch.float64), rtol=0, atol=0.1)
+
+
+def test_only_the_correlation_is_saved_and_a_reload_rebuilds_the_same_transform():
+    x = torch.randn(64, 1, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    layer = CropGaussian(1, 6)
+    layer.initialize(x)
+    state = layer.state_dict()
+    assert set(state) == {"xi", "initialized"} and state["xi"].shape == (1, 1, 11, 11)
+    again = CropGaussian(1, 6)
+    again.load_state_dict(state)
+    assert again.is_initialized
+    torch.testing.assert_close(again(x)[0], layer(x)[0], rtol=0, atol=0)
+    assert again(x.float())[0].dtype == torch.float32
+
+
+def test_bad_sizes_and_conditioning_are_one_clear_line():
+    with pytest.raises(ValueError, match="exceeds max_dims"):
+        CropGaussian(3, 64)
+    with pytest.raises(ValueError, match="stationary_dense=True has no conditioning"):
+        Glow(1, 8, 2, 1, 8, cond_dim=2, stationary=True, stationary_dense=True)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 1, 6, 6\]"):
+        CropGaussian(1, 6)(torch.zeros(2, 1, 5, 5))
+
+
+def test_a_glow_behind_it_round_trips_and_its_config_rebuilds_it():
+    sim = FlatSimulator(16, 3.28, dict(PLANCK18), 1.0, kind="lognormal", periodic=False)
+    maps = torch.from_numpy(sim.generate(512, seed=[5, 0]))
+    glow = Glow(
+        1,
+        16,
+        2,
+        2,
+        16,
+        preprocess=Preprocess(1, log_shift=True, shift_method="ml"),
+        stationary=True,
+        stationary_dense=True,
+        init_seed=0,
+    )
+    glow.fit_preprocessing(maps)
+    glow.initialize(maps[:128])
+    assert isinstance(glow.stationary, CropGaussian)
+    with torch.no_grad():
+        lp = glow.log_prob(maps[:4])
+        assert torch.isfinite(lp).all()
+        twin = Glow.from_config(glow.config)
+        twin.load_state_dict(glow.state_dict())
+        torch.testing.assert_close(twin.log_prob(maps[:4]), lp)
+        x = glow.sample(4, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all() and x.shape == (4, 1, 16, 16)
