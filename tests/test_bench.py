@@ -105,3 +105,47 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_bench_kl_scores_variants_against_the_exact_likelihood():
+    """The crop Gaussian is the exact model of a lognormal field's Gaussian part: one step of a tiny Glow behind it
+    is already far closer to the exact likelihood than the same Glow behind the DCT-diagonal filter."""
+    from lensflow.bench import kl as bk
+
+    glow = {"levels": 2, "steps": 1, "hidden": 8, "log_shift": True, "shift_method": "ml", "stationary": True}
+    optim = {"lr": 1.0e-4, "warmup_steps": 1, "ema_decay": 0.5}
+    cfg = _suite(
+        "kl",
+        data={**_suite("kl")["data"], "npix": 8, "pixel_arcmin": 6.0, "n_train": 3000, "n_val": 300},
+        max_steps=1,
+        batch_size=16,
+        norm_maps=3000,
+        eval_every=0,
+        variants=[
+            {"name": "filter", "model": glow, "optim": optim},
+            {"name": "crop", "model": {**glow, "stationary_dense": True}, "optim": optim},
+        ],
+    )
+    rows = bk.run(cfg)
+    assert [r["variant"] for r in rows] == ["filter", "crop"] and rows[1]["baseline"] == "filter"
+    for r in rows:
+        assert r["unit"] == "bits/pixel" and r["se"] > 0 and math.isfinite(r["train_gap"]) and r["steps"] == 1
+    assert math.isclose(rows[1]["ratio"], rows[1]["value"] / rows[0]["value"])
+    assert rows[1]["value"] < 0.5 * rows[0]["value"]
+    assert abs(rows[1]["value"]) < 5 * rows[1]["se"] + 0.002  # ~exact up to ξ's noise and one step
+
+
+def test_bench_validate_rows_are_failure_fractions_with_wilson_intervals():
+    from lensflow.bench import validate as bv
+
+    cfg = _suite(
+        "validate", npix=16, pixel_arcmin=6.0, sizes=[24], null_pairs=3, power_pairs=2,
+        departures=["gaussian", "tilt+5%", "T=0.95"], permutations=50,
+    )  # fmt: skip
+    rows = bv.run(cfg)  # no emulator: the T=0.95 row is skipped
+    assert [(r["variant"], r["n_per_set"], r["pairs"]) for r in rows] == [("null", 24, 3), ("gaussian", 24, 2), ("tilt+5%", 24, 2)]
+    for r in rows:
+        assert 0 <= r["failing"] <= r["pairs"] and r["value"] == r["failing"] / r["pairs"]
+        assert 0 <= r["ci95_low"] <= r["value"] <= r["ci95_high"] <= 1
+    with pytest.raises(ValueError, match="unknown departure 'sigma_8\\+7%'"):
+        bv.run({**cfg, "departures": ["gaussian", "sigma_8+7%"]})

@@ -117,3 +117,19 @@ def test_a_glow_behind_it_round_trips_and_its_config_rebuilds_it():
         torch.testing.assert_close(twin.log_prob(maps[:4]), lp)
         x = glow.sample(4, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(x).all() and x.shape == (4, 1, 16, 16)
+
+
+def test_the_factor_is_built_once_and_rebuilt_only_for_a_new_correlation():
+    x = torch.randn(64, 1, 6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    layer = CropGaussian(1, 6)
+    layer.initialize(x)
+    layer(x)
+    first = layer._factor
+    layer.to("cpu").eval()  # samplers move modules between calls: no rebuild (seconds at 64²)
+    layer.inverse(x)
+    assert layer._factor is first
+    other = CropGaussian(1, 6)
+    other.initialize(2 * x)
+    layer.load_state_dict(other.state_dict())  # a new ξ: a new factor, the new transform
+    torch.testing.assert_close(layer(x)[0], other(x)[0], rtol=0, atol=0)
+    assert layer._factor is not first

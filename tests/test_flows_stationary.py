@@ -148,3 +148,13 @@ def test_the_low_mode_block_whitens_the_correlated_large_scales_of_crops():
     yp, _ = plain(big)
     lowp = (b @ yp[:, 0] @ b.T)[:, :4, :4].reshape(len(y), -1)
     assert float((torch.corrcoef(lowp.T) - torch.eye(16, dtype=corr.dtype)).abs().max()) > 0.2  # what it fixes
+
+
+def test_too_few_maps_leave_the_low_mode_block_at_the_identity():
+    x = _grf(20, 16, seed=7)  # 20 maps for a 16-dimensional block: fewer than 4 per dimension
+    with_low = StationaryGaussian(1, 16, knots=6, low_modes=4).double()
+    plain = StationaryGaussian(1, 16, knots=6).double()
+    with_low.initialize(x)
+    plain.initialize(x)
+    assert float(with_low.low.abs().max()) == 0.0
+    torch.testing.assert_close(with_low(x)[0], plain(x)[0], rtol=0, atol=1e-12)

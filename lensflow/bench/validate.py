@@ -18,6 +18,7 @@ each as the fraction of pairs failing with a 95 % Wilson interval. The baseline 
 from __future__ import annotations
 
 import math
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -99,7 +100,7 @@ def candidates(name: str, npix: int, pixel_arcmin: float, fiducial: FlatSimulato
     if name == "tilt+5%":
 
         def tilted(ell: np.ndarray) -> np.ndarray:
-            return convergence_cl(ell, PLANCK18, [1.0])[0, 0] * (ell / _TILT_PIVOT) ** _TILT
+            return convergence_cl(ell, PLANCK18, 1.0) * (ell / _TILT_PIVOT) ** _TILT  # [n_ell] for one source
 
         return sims(fiducial), sims(FlatSimulator(npix, pixel_arcmin, None, 1.0, cl=tilted, shift=fiducial.shift))
     raise ValueError(f"bench validate: unknown departure {name!r}; known: {list(DEPARTURES)}")
@@ -131,6 +132,9 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         import torch
 
         torch.set_num_threads(int(c["threads"]))
+    for name in c["departures"]:  # before any work: a typo must not cost the sizes before it
+        if name not in DEPARTURES and not re.fullmatch(r"sigma8[+-]\d+(\.\d+)?%", str(name)):
+            raise ValueError(f"bench validate: unknown departure {name!r}; known: {list(DEPARTURES)} or sigma8±X%")
     npix, pix = int(c["npix"]), float(c["pixel_arcmin"])
     meta = StoreMeta(pixel_arcmin=pix, source_redshifts=(1.0,))
     tol = Tolerances(permutations=c["permutations"])

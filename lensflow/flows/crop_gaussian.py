@@ -83,6 +83,7 @@ class CropGaussian(nn.Module):
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
         self._init_known = False
         self._factor: tuple[Tensor, Tensor] | None = None  # (L, Σ log diag L), rebuilt from xi
+        self._factor_key: tuple | None = None  # which xi the factor is of (storage, in-place version)
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -94,11 +95,6 @@ class CropGaussian(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
         self._init_known = False
-        self._factor = None
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        self._factor = None  # moved or cast: rebuild the factor where xi now lives
-        return super()._apply(fn, recurse)
 
     def covariance(self) -> Tensor:
         """The dense covariance [C·N², C·N²] (float64) of the flattened map (channel-major, then rows, columns)."""
@@ -111,7 +107,10 @@ class CropGaussian(nn.Module):
         return (cov + cov.T) / 2
 
     def _cholesky(self) -> tuple[Tensor, Tensor]:
-        if self._factor is None:
+        # keyed on xi's storage and in-place version: a load, a refit or a move to another device rebuilds it,
+        # nothing else does (a 64² factor costs seconds, and samplers move modules between calls)
+        key = (self.xi.device, self.xi.data_ptr(), self.xi._version)
+        if self._factor is None or self._factor_key != key:
             cov = self.covariance()
             scale = cov.diagonal().mean()
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
@@ -122,6 +121,7 @@ class CropGaussian(nn.Module):
             else:
                 raise ValueError("CropGaussian: the fitted covariance is not positive definite; fit on more maps")
             self._factor = (lower, torch.log(lower.diagonal()).sum())
+            self._factor_key = key
         return self._factor
 
     # -- the transform ----------------------------------------------------------------------------------------
@@ -164,7 +164,6 @@ class CropGaussian(nn.Module):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         xi = stats[:-1].view_as(sums) / (stats[-1] * pairs)
         self.xi.copy_(_symmetrize(xi))
-        self._factor = None
         self.initialized.fill_(1)
         self._init_known = True
 

@@ -39,7 +39,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._util.log import get_logger
 from ._common import acc_dtype, check_cond, check_positive_int, stream_dtype
+
+log = get_logger(__name__)
 
 
 def _dct_basis(n: int) -> tuple[Tensor, Tensor]:
@@ -253,6 +256,12 @@ class StationaryGaussian(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         d = block.shape[1]
+        if float(stats[-1]) < 4 * d:
+            # a d-dimensional covariance from fewer than 4d maps whitens noise, not the field: keep the identity
+            log.warning("StationaryGaussian: %d maps are too few to fit the %d-dim low-mode block; left at identity",
+                        int(stats[-1]), d)  # fmt: skip
+            self.low.zero_()
+            return
         cov = stats[: d * d].view(d, d) / stats[-1]
         cov = cov + 1e-9 * torch.eye(d, dtype=cov.dtype) * cov.diagonal().mean()
         inv = torch.linalg.inv(torch.linalg.cholesky(cov))
