@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 PADDINGS = ("zero", "circular")
 
@@ -59,3 +59,31 @@ def check_cond(cond: Tensor | None, cond_dim: int, batch: int, where: str) -> Te
     if not cond.is_floating_point():
         raise ValueError(f"cond must be a floating-point tensor, got dtype {cond.dtype}")
     return cond
+
+
+class DataInitialized(nn.Module):
+    """Base of the layers with a data-dependent initialisation (ActNorm, the Gaussian layers).
+
+    ``initialized`` is a persistent buffer, so a model restored with ``load_state_dict`` is never initialised again;
+    ``is_initialized`` reads it once into a Python mirror, so the hot path does not read a (possibly CUDA) buffer
+    every call, and a load re-reads it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._init_known = False
+
+    @property
+    def is_initialized(self) -> bool:
+        if not self._init_known:
+            self._init_known = bool(self.initialized.item())
+        return self._init_known
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_known = False  # re-read the loaded flag on next use
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(1)
+        self._init_known = True

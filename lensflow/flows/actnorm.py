@@ -6,10 +6,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._common import acc_dtype, check_positive_int
+from ._common import DataInitialized, acc_dtype, check_positive_int
 
 
-class ActNorm(nn.Module):
+class ActNorm(DataInitialized):
     """Per-channel affine map ``y = (x + bias) * exp(logs)``, initialised so ``y`` has zero mean, unit variance.
 
     The first ``forward`` call (in any mode) sets ``bias``/``logs`` from that batch, with the per-channel
@@ -30,19 +30,6 @@ class ActNorm(nn.Module):
         self.eps = float(eps)
         self.bias = nn.Parameter(torch.zeros(channels))
         self.logs = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
-        # Python mirror of `initialized`, so the hot path does not read a (possibly CUDA) buffer every call.
-        self._init_known = False
-
-    @property
-    def is_initialized(self) -> bool:
-        if not self._init_known:
-            self._init_known = bool(self.initialized.item())
-        return self._init_known
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(*args, **kwargs)
-        self._init_known = False  # re-read the loaded flag on next use
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -61,8 +48,7 @@ class ActNorm(nn.Module):
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0.0)
         self.bias.copy_((-mean).to(self.bias.dtype))
         self.logs.copy_((-torch.log(var.sqrt() + self.eps)).to(self.logs.dtype))
-        self.initialized.fill_(1)
-        self._init_known = True
+        self._mark_initialized()
 
     def _logdet(self, x: Tensor) -> Tensor:
         ld = self.logs.to(acc_dtype(x)).sum() * (x.shape[2] * x.shape[3])

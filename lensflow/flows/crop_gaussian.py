@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import check_positive_int
+from ._common import DataInitialized, check_positive_int
 
 __all__ = ["CropGaussian", "crop_correlation"]
 
@@ -58,7 +58,7 @@ def _symmetrize(xi: Tensor) -> Tensor:
     return (s + s.transpose(0, 1)) / 2
 
 
-class CropGaussian(nn.Module):
+class CropGaussian(DataInitialized):
     """The fitted exact Gaussian model of a stationary, isotropic field on a square crop (see the module docstring).
 
     Args:
@@ -80,22 +80,10 @@ class CropGaussian(nn.Module):
         self.channels, self.size = int(channels), int(size)
         lags = 2 * size - 1
         self.register_buffer("xi", torch.zeros(channels, channels, lags, lags, dtype=torch.float64))
-        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
-        self._init_known = False
         self._factor: tuple[Tensor, Tensor] | None = None  # (L, Σ log diag L), rebuilt from xi
         self._factor_key: tuple | None = None  # which xi the factor is of (storage, in-place version)
 
     # -- state ------------------------------------------------------------------------------------------------
-    @property
-    def is_initialized(self) -> bool:
-        if not self._init_known:
-            self._init_known = bool(self.initialized.item())
-        return self._init_known
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(*args, **kwargs)
-        self._init_known = False
-
     def covariance(self) -> Tensor:
         """The dense covariance [C·N², C·N²] (float64) of the flattened map (channel-major, then rows, columns)."""
         n, c = self.size, self.channels
@@ -164,8 +152,7 @@ class CropGaussian(nn.Module):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         xi = stats[:-1].view_as(sums) / (stats[-1] * pairs)
         self.xi.copy_(_symmetrize(xi))
-        self.initialized.fill_(1)
-        self._init_known = True
+        self._mark_initialized()
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, size={self.size}"
