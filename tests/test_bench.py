@@ -143,7 +143,11 @@ def test_bench_validate_rows_are_failure_fractions_with_wilson_intervals():
         departures=["gaussian", "tilt+5%", "T=0.95"], permutations=50,
     )  # fmt: skip
     rows = bv.run(cfg)  # no emulator: the T=0.95 row is skipped
-    assert [(r["variant"], r["n_per_set"], r["pairs"]) for r in rows] == [("null", 24, 3), ("gaussian", 24, 2), ("tilt+5%", 24, 2)]
+    assert [(r["variant"], r["n_per_set"], r["pairs"]) for r in rows] == [
+        ("null", 24, 3),
+        ("gaussian", 24, 2),
+        ("tilt+5%", 24, 2),
+    ]
     for r in rows:
         assert 0 <= r["failing"] <= r["pairs"] and r["value"] == r["failing"] / r["pairs"]
         assert 0 <= r["ci95_low"] <= r["value"] <= r["ci95_high"] <= 1
