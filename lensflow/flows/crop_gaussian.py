@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import DataInitialized, check_positive_int
+from ._common import DataInitialized, acc_dtype, check_positive_int
 
 __all__ = ["CropGaussian", "crop_correlation"]
 
@@ -121,7 +121,7 @@ class CropGaussian(DataInitialized):
         lower, logdiag = self._cholesky()
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         y = torch.linalg.solve_triangular(lower, flat.T, upper=False).T
-        logdet = (-logdiag).to(x.dtype if x.dtype == torch.float64 else torch.float32).expand(x.shape[0])
+        logdet = (-logdiag).to(acc_dtype(x)).expand(x.shape[0])
         return y.reshape(x.shape).to(x.dtype), logdet
 
     def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
