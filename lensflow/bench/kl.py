@@ -152,7 +152,6 @@ def train_variant(
         "params": n_params,
         "history": history,
         "shift": glow.preprocess.shift.tolist() if glow.preprocess.log_shift else None,
-        "model": ema,  # the scored EMA model (not part of the bench rows)
     }
 
 
