@@ -86,8 +86,6 @@ def test_only_the_correlation_is_saved_and_a_reload_rebuilds_the_same_transform(
 def test_bad_sizes_and_conditioning_are_one_clear_line():
     with pytest.raises(ValueError, match="exceeds max_dims"):
         CropGaussian(3, 64)
-    with pytest.raises(ValueError, match="stationary_dense=True has no conditioning"):
-        Glow(1, 8, 2, 1, 8, cond_dim=2, stationary=True, stationary_dense=True)
     with pytest.raises(ValueError, match=r"x must have shape \[B, 1, 6, 6\]"):
         CropGaussian(1, 6)(torch.zeros(2, 1, 5, 5))
 
@@ -124,12 +122,76 @@ def test_the_factor_is_built_once_and_rebuilt_only_for_a_new_correlation():
     layer = CropGaussian(1, 6)
     layer.initialize(x)
     layer(x)
-    first = layer._factor
+    first = layer._cholesky()
     layer.to("cpu").eval()  # samplers move modules between calls: no rebuild (seconds at 64²)
     layer.inverse(x)
-    assert layer._factor is first
+    assert layer._cholesky() is first
     other = CropGaussian(1, 6)
     other.initialize(2 * x)
     layer.load_state_dict(other.state_dict())  # a new ξ: a new factor, the new transform
     torch.testing.assert_close(layer(x)[0], other(x)[0], rtol=0, atol=0)
-    assert layer._factor is not first
+    assert layer._cholesky() is not first
+
+
+def _grid_maps(kind: str, npix: int, n: int, om: list[float], s8: list[float], seed: int):
+    maps, theta = [], []
+    for i, o in enumerate(om):
+        for j, s in enumerate(s8):
+            sim = FlatSimulator(npix, 4.0, {**PLANCK18, "Omega_m": o, "sigma_8": s}, 1.0, kind=kind)
+            maps.append(sim.generate(n, seed=[seed, i, j]).astype(np.float64))
+            theta.append(np.tile([o, s], (n, 1)))
+    return torch.from_numpy(np.concatenate(maps)), torch.from_numpy(np.concatenate(theta))
+
+
+def test_a_conditional_fit_is_the_simulators_covariance_between_the_nodes():
+    # an independent reference at a θ that is not a training node: the simulator's exact covariance and log p
+    om, s8 = [0.22, 0.28, 0.34, 0.40], [0.70, 0.76, 0.82, 0.88]
+    x, theta = _grid_maps("gaussian", 8, 1500, om, s8, seed=7)
+    mean, std = theta.mean(0), theta.std(0)
+    layer = CropGaussian(1, 8, cond_dim=2, degree=2)
+    layer.initialize(x, (theta - mean) / std)
+    assert layer.xi.shape == (9, 1, 1, 15, 15)
+    for held in ([0.31, 0.79], [0.25, 0.86]):
+        sim = FlatSimulator(8, 4.0, {**PLANCK18, "Omega_m": held[0], "sigma_8": held[1]}, 1.0, kind="gaussian")
+        c = (torch.tensor(held, dtype=torch.float64) - mean) / std
+        exact = torch.from_numpy(sim.likelihood.covariance())
+        scale = float(exact.diagonal().mean())
+        assert float((layer.covariance(c) - exact).abs().max()) < 0.03 * scale
+        test = sim.generate(1000, seed=[8, 0]).astype(np.float64)
+        z, logdet = layer(torch.from_numpy(test), c.expand(1000, 2))
+        d = z[0].numel()
+        model = logdet - 0.5 * (z**2).sum((1, 2, 3)) - 0.5 * d * math.log(2 * math.pi)
+        assert abs(((sim.log_prob(test) - model.numpy()) / d).mean()) < 2e-3
+    # the covariance grows with σ_8 and the transform inverts per condition in one mixed batch
+    lo, hi = (torch.tensor([0.3, s], dtype=torch.float64) for s in (0.72, 0.88))
+    assert float(layer.covariance((hi - mean) / std).trace()) > 1.3 * float(layer.covariance((lo - mean) / std).trace())
+    cond = ((theta[::1500] - mean) / std)[:4].repeat_interleave(2, 0)
+    y, _ = layer(x[:8], cond)
+    torch.testing.assert_close(layer.inverse(y, cond), x[:8], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="needs at least 9 distinct conditions"):
+        CropGaussian(1, 8, cond_dim=2, degree=2).initialize(x[:100], ((theta - mean) / std)[:100])
+    with pytest.raises(ValueError, match="cond: CropGaussian was built with cond_dim=2"):
+        layer(x[:2])
+
+
+def test_a_conditional_glow_behind_it_reloads_and_its_ema_shares_the_factors():
+    from lensflow.flows import crop_gaussian
+
+    x, theta = _grid_maps("lognormal", 16, 64, [0.25, 0.35], [0.75, 0.85], seed=9)
+    x = x.float()
+    cond = ((theta - theta.mean(0)) / theta.std(0)).float()
+    glow = Glow(1, 16, 2, 1, 8, cond_dim=2, stationary=True, stationary_dense=True, stationary_degree=1, init_seed=0)
+    glow.fit_preprocessing(x, cond)
+    glow.initialize(x[::2], cond[::2])
+    crop_gaussian._FACTORS.clear()
+    with torch.no_grad():
+        lp = glow.log_prob(x[:130:8], cond[:130:8])
+        assert len(crop_gaussian._FACTORS) == 3  # one factor per distinct θ of the batch
+        twin = Glow.from_config(glow.config)
+        twin.load_state_dict(glow.state_dict())
+        torch.testing.assert_close(twin.log_prob(x[:130:8], cond[:130:8]), lp)
+        assert len(crop_gaussian._FACTORS) == 3  # equal ξ: the same factors
+        s = glow.sample(4, cond=cond[:1].expand(4, 2), generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(s).all()
+    with pytest.raises(ValueError, match="conditional crop Gaussian is fitted on maps and their conditions"):
+        Glow(1, 16, 2, 1, 8, cond_dim=2, stationary=True, stationary_dense=True).fit_preprocessing(x)

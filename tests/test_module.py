@@ -378,3 +378,20 @@ def test_the_crop_gaussian_is_fitted_on_the_normalisation_maps_and_shared_with_t
     for du, dv in ((1, 0), (0, 3), (2, 2), (8, 1)):
         assert lag_corr(x, du, dv) == pytest.approx(lag_corr(t, du, dv), abs=0.02)
     assert x.std() / t.std() == pytest.approx(1.0, abs=0.02)
+
+
+def test_a_conditional_crop_gaussian_is_fitted_on_the_maps_at_their_conditions():
+    # red fields whose amplitude is the condition: an untrained Glow behind the layer is the fitted Gaussian at θ
+    base = periodic_grf(2400, power_law_amplitude(32, -1.2), 5, std=0.02)[:, None, 8:24, 8:24]
+    amp = np.repeat([0.7, 0.8, 0.9, 1.0], 600)
+    train = base * amp[:, None, None, None]
+    mod = _module(names=("sigma_8",), stationary=True, stationary_dense=True)
+    with pytest.raises(ValueError, match="conditional crop Gaussian is fitted on maps and their conditions"):
+        mod.fit_normalization(train, [0.85], [0.11])
+    mod.fit_normalization(train, [0.85], [0.11], params=amp[:, None])
+    torch.testing.assert_close(mod.glow_ema.stationary.xi, mod.glow.stationary.xi, rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(6)
+    lo, hi = (mod.sample(1000, cond={"sigma_8": a}, generator=gen).double().std().item() for a in (0.75, 0.95))
+    assert hi / lo == pytest.approx(0.95 / 0.75, rel=0.03)  # between the nodes
+    x = torch.as_tensor(train[-200:], dtype=torch.float32)  # amplitude 1.0
+    assert bool((mod.log_prob(x, cond={"sigma_8": 1.0}) > mod.log_prob(x, cond={"sigma_8": 0.8})).all())

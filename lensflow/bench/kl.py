@@ -52,6 +52,7 @@ _GLOW_KEYS = (
     "stationary_knots",
     "stationary_low_modes",
     "stationary_dense",
+    "stationary_degree",
 )
 
 

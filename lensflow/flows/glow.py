@@ -60,7 +60,9 @@ class Glow(nn.Module):
         stationary_knots: radial knots of that layer's filter.
         stationary_low_modes: side of the block of lowest modes that layer whitens with one dense matrix (0: none).
         stationary_dense: use the fitted exact Gaussian of a stationary field on the crop instead
-            (:class:`~lensflow.flows.crop_gaussian.CropGaussian`: unconditional, at most 8,192 pixels × channels).
+            (:class:`~lensflow.flows.crop_gaussian.CropGaussian`, at most 8,192 pixels × channels; conditional
+            models fit its correlation function as a polynomial in the normalised parameters).
+        stationary_degree: that polynomial's degree in each parameter.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Glow(nn.Module):
         stationary_knots: int = 24,
         stationary_low_modes: int = 0,
         stationary_dense: bool = False,
+        stationary_degree: int = 3,
     ) -> None:
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -118,17 +121,13 @@ class Glow(nn.Module):
         self.learn_top_prior = bool(learn_top_prior)
         self.stationary_knots = int(stationary_knots)
         self.stationary_low_modes = int(stationary_low_modes)
+        self.stationary_degree = check_positive_int("stationary_degree", stationary_degree, minimum=0)
         self.preprocess = preprocess
         self.squeeze = Squeeze()
 
         self.stationary_dense = bool(stationary and stationary_dense)
-        if self.stationary_dense and cond_dim:
-            raise ValueError(
-                "stationary_dense=True has no conditioning (its correlation function is of one cosmology); "
-                "use the stationary filter (stationary_dense=False) for a conditional model"
-            )
         self.stationary: StationaryGaussian | CropGaussian | None = (
-            CropGaussian(in_channels, image_size)
+            CropGaussian(in_channels, image_size, cond_dim, self.stationary_degree)
             if self.stationary_dense
             else StationaryGaussian(
                 in_channels,
@@ -200,6 +199,7 @@ class Glow(nn.Module):
             "stationary_knots": self.stationary_knots,
             "stationary_low_modes": self.stationary_low_modes,
             "stationary_dense": self.stationary_dense,
+            "stationary_degree": self.stationary_degree,
             "log_shift": self.preprocess.log_shift,
             "margin": self.preprocess.margin,
             "shift_method": self.preprocess.shift_method,
@@ -219,17 +219,23 @@ class Glow(nn.Module):
         return cls(preprocess=pre, init_seed=init_seed, **cfg)
 
     @torch.no_grad()
-    def fit_preprocessing(self, maps: Tensor | Any, chunk: int = 256) -> None:
+    def fit_preprocessing(self, maps: Tensor | Any, cond: Tensor | None = None, chunk: int = 256) -> None:
         """Fit the fixed parts in front of the flow on training maps [N, C, H, W] (κ): the preprocessing statistics,
         then the stationary layer's whitening (its data-dependent initialisation, on all of these maps rather than
-        one batch: a dense correlation or low-mode block needs many maps)."""
+        one batch: a dense correlation or low-mode block needs many maps). ``cond`` [N, P] (normalised) are the
+        maps' conditions; the conditional crop Gaussian needs them, the stationary filter ignores them here."""
         self.preprocess.fit(maps, chunk=chunk)
         if self.stationary is None:
             return
         x = torch.as_tensor(maps)
         dev = self.preprocess.mean.device
         parts = [self.preprocess(x[i : i + chunk].to(dev, torch.float64))[0] for i in range(0, x.shape[0], chunk)]
-        self.stationary.initialize(torch.cat(parts))
+        if isinstance(self.stationary, CropGaussian) and self.cond_dim:
+            if cond is None:
+                raise ValueError("cond: a conditional crop Gaussian is fitted on maps and their conditions [N, P]")
+            self.stationary.initialize(torch.cat(parts), self._check_cond(torch.as_tensor(cond), x.shape[0]))
+        else:
+            self.stationary.initialize(torch.cat(parts))
 
     # -- checks -------------------------------------------------------------------------------------------
     def _check_x(self, x: Tensor) -> None:

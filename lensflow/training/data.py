@@ -223,12 +223,19 @@ class KappaDataModule(L.LightningDataModule):
         return self.store.read_params(idx)[:, self._param_cols].astype(np.float32)
 
     # -- statistics -------------------------------------------------------------------------------------
-    def normalization_maps(self) -> np.ndarray:
-        """Up to ``norm_maps`` training maps [N, C, H, W], evenly spread over the training split."""
+    def _normalization_idx(self) -> np.ndarray:
         idx = self._split_idx["train"]
         if len(idx) > self.norm_maps:
             idx = idx[np.linspace(0, len(idx) - 1, self.norm_maps).round().astype(np.int64)]
-        return self.store.read(idx)
+        return idx
+
+    def normalization_maps(self) -> np.ndarray:
+        """Up to ``norm_maps`` training maps [N, C, H, W], evenly spread over the training split."""
+        return self.store.read(self._normalization_idx())
+
+    def normalization_params(self) -> np.ndarray:
+        """The conditioning params [N, P] (physical) of :meth:`normalization_maps`."""
+        return self._params(self._normalization_idx())
 
     def cond_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std [P] of the conditioning parameters over the training split (std 1 where constant)."""

@@ -167,13 +167,11 @@ class GlowModule(L.LightningModule):
         maps: np.ndarray | Tensor,
         cond_mean: Sequence[float] | np.ndarray = (),
         cond_std: Sequence[float] | np.ndarray = (),
+        params: np.ndarray | Tensor | None = None,
     ) -> None:
-        """Set the κ preprocessing (and the stationary layer's whitening) from training maps [N, C, H, W] and the
-        cond statistics [P] (physical)."""
-        self.glow.fit_preprocessing(maps)
-        self.glow_ema.preprocess.load_state_dict(self.glow.preprocess.state_dict())
-        if self.glow.stationary is not None:
-            self.glow_ema.stationary.load_state_dict(self.glow.stationary.state_dict())
+        """Set the cond statistics [P] (physical), then the κ preprocessing (and the stationary layer's whitening)
+        from training maps [N, C, H, W] and their physical conditions ``params`` [N, P] (a conditional crop
+        Gaussian fits ξ(θ) on them)."""
         mean = torch.as_tensor(np.asarray(cond_mean, dtype=np.float64).reshape(-1))
         std = torch.as_tensor(np.asarray(cond_std, dtype=np.float64).reshape(-1))
         if mean.numel() != len(self.param_names) or std.numel() != len(self.param_names):
@@ -182,6 +180,13 @@ class GlowModule(L.LightningModule):
             raise ValueError("cond_std must be positive")
         self.cond_mean.copy_(mean)
         self.cond_std.copy_(std)
+        cond = None
+        if self.param_names and params is not None:
+            cond = normalize_conditions(torch.as_tensor(np.asarray(params)), self.cond_mean, self.cond_std)
+        self.glow.fit_preprocessing(maps, cond)
+        self.glow_ema.preprocess.load_state_dict(self.glow.preprocess.state_dict())
+        if self.glow.stationary is not None:
+            self.glow_ema.stationary.load_state_dict(self.glow.stationary.state_dict())
 
     def normalize_cond(self, cond: Any, n: int | None = None) -> Tensor | None:
         """Physical conditioning values -> the normalised float32 ``[n, P]`` tensor the Glow takes.

@@ -56,8 +56,10 @@ class ModelSettings(_Settings):
     log's shift (``"ml"``: maximum likelihood; ``"margin"``: 1σ below the training minimum, lensflow 0.1);
     ``stationary`` puts the learned Fourier-space Gaussian layer in front of the multi-scale Glow, with a fitted
     dense block for its ``stationary_low_modes``² lowest modes; ``stationary_dense`` replaces it by the fitted exact
-    Gaussian of a stationary field on the crop (unconditional maps up to 64²). docs/emulator-design.md measures
-    each: the ML shift and the crop Gaussian cut the kappa_quick KL gap from 0.0040 to 0.00011 bits/pixel.
+    Gaussian of a stationary field on the crop (maps up to 64²; for a conditional model its correlation function is a
+    polynomial of degree ``stationary_degree`` in each normalised parameter, fitted on all training maps).
+    docs/emulator-design.md measures each: the ML shift and the crop Gaussian cut the kappa_quick KL gap from 0.0040
+    to 0.00011 bits/pixel.
     """
 
     node = "model"
@@ -77,6 +79,7 @@ class ModelSettings(_Settings):
     stationary_knots: int = 24
     stationary_low_modes: int = 8
     stationary_dense: bool = False
+    stationary_degree: int = 3
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("glow",))
@@ -85,6 +88,7 @@ class ModelSettings(_Settings):
         check_int("model.stationary_knots", self.stationary_knots, 2)
         check_int("model.stationary_low_modes", self.stationary_low_modes, 0)
         check_bool("model.stationary_dense", self.stationary_dense)
+        check_int("model.stationary_degree", self.stationary_degree, 0)
         for name in ("levels", "steps", "hidden"):
             check_int(f"model.{name}", getattr(self, name), 1)
         check_optional_int("model.cond_dim", self.cond_dim, 0)
@@ -121,6 +125,7 @@ class ModelSettings(_Settings):
             "stationary_knots": self.stationary_knots,
             "stationary_low_modes": self.stationary_low_modes,
             "stationary_dense": self.stationary_dense,
+            "stationary_degree": self.stationary_degree,
         }
 
 
