@@ -2,7 +2,9 @@
 
 A uniform prior on a box and a log-likelihood evaluated on a regular grid over it give the posterior on that
 grid. Summaries integrate it with the trapezoid rule (linear interpolation between nodes), so a posterior a
-few grid cells wide is still summarised to a fraction of a cell.
+few grid cells wide is still summarised to a fraction of a cell. A posterior *narrower* than a cell (one 64² κ map
+pins σ_8 Ω_m^0.5 to ~1 %, less than a 15² grid's spacing over the box) needs :func:`refine_loglike`: the
+log-likelihood, smooth in θ where the density is not, is interpolated with a cubic spline onto a finer grid.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
-__all__ = ["GridPosterior", "ParameterGrid"]
+__all__ = ["GridPosterior", "ParameterGrid", "refine_loglike"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,29 @@ class ParameterGrid:
             shape[d] = ax.size
             w = w * wd.reshape(shape)
         return w
+
+
+def refine_loglike(grid: ParameterGrid, log_like: np.ndarray, factor: int) -> tuple[ParameterGrid, np.ndarray]:
+    """Cubic-spline interpolation of log-likelihoods ``[M, G]`` (nats, on ``grid``) onto the grid with ``factor``
+    times the cells per axis: ``(fine grid, [M, G_fine])``. ``factor = 1`` returns the input.
+
+    The spline runs through the log-likelihood, not the density: log L is close to quadratic over a few cells, so
+    the spline is accurate where the density itself (exp of a change of several units per cell) is not.
+    """
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"refine must be an integer >= 1, got {factor!r}")
+    ll = np.asarray(log_like, dtype=np.float64).reshape(-1, int(np.prod(grid.shape)))
+    if factor == 1:
+        return grid, ll
+    if min(grid.shape) < 4:
+        raise ValueError(f"refine > 1 needs at least 4 grid points per parameter (cubic spline), got {grid.shape}")
+    finite = np.isfinite(ll)
+    floor = np.where(finite, ll, np.inf).min(axis=1, keepdims=True) - 50.0  # far below the peak: no mass
+    ll = np.where(finite, ll, floor)
+    fine = ParameterGrid(grid.names, grid.lo, grid.hi, tuple((k - 1) * int(factor) + 1 for k in grid.points))
+    values = np.moveaxis(ll.reshape(-1, *grid.shape), 0, -1)  # [*shape, M]
+    interp = RegularGridInterpolator(grid.axes, values, method="cubic")
+    return fine, np.ascontiguousarray(interp(fine.nodes()).T)
 
 
 class GridPosterior:

@@ -25,7 +25,7 @@ from lensflow._util.checks import check_bool, check_choice, check_int, check_opt
 from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
 from lensflow.inference.likelihoods import ClLikelihood, emulator_loglike, exact_loglike
-from lensflow.inference.posterior import GridPosterior, ParameterGrid
+from lensflow.inference.posterior import GridPosterior, ParameterGrid, refine_loglike
 from lensflow.mapstore import MapStore, open_store
 from lensflow.provenance import provenance
 from lensflow.report.figures import save_figure
@@ -50,6 +50,7 @@ class InferRequest:
     joint: bool
     prior: dict[str, tuple[float, float]]
     grid_points: int
+    refine: int
     exact: str
     cl: str
     cl_fiducial_maps: int
@@ -82,6 +83,7 @@ class InferRequest:
             joint=check_bool("joint", c["joint"]),
             prior=prior,
             grid_points=check_int("grid_points", c["grid_points"], 3),
+            refine=check_int("refine", c.get("refine", 1), 1),
             exact=check_choice("exact", str(c["exact"]).lower(), ("auto", "true", "false")),
             cl=check_choice("cl", str(c["cl"]).lower(), ("auto", "true", "false")),
             cl_fiducial_maps=check_int("cl_fiducial_maps", c["cl_fiducial_maps"], 10),
@@ -312,6 +314,9 @@ def infer(cfg: Any) -> dict[str, Any]:
         ll_exact, ll_cl, info = _exact_and_cl(req, store, maps, grid)
     lls = {"emulator": ll_emu, "exact": ll_exact, "cl": ll_cl}
     lls = {k: v for k, v in lls.items() if v is not None}
+    coarse = grid
+    for k in lls:
+        grid, lls[k] = refine_loglike(coarse, lls[k], req.refine)
     records = []
     for i in range(idx.size):
         posts = {k: GridPosterior(grid, v[i]) for k, v in lls.items()}
@@ -324,7 +329,7 @@ def infer(cfg: Any) -> dict[str, Any]:
     summary = {
         "param_names": list(names),
         "prior": {k: list(v) for k, v in box.items()},
-        "grid": {"points": list(grid.points)},
+        "grid": {"points": list(coarse.points), "refine": req.refine, "summarised_on": list(grid.points)},
         "maps_store": str(req.maps),
         "split": req.split,
         "maps": records,
@@ -332,7 +337,7 @@ def infer(cfg: Any) -> dict[str, Any]:
         "aggregate": _aggregate(records),
         "timings": {
             "emulator_seconds_per_posterior": emu_seconds / idx.size,
-            "exact_seconds_per_node": info.get("exact_seconds", 0.0) / grid.nodes().shape[0]
+            "exact_seconds_per_node": info.get("exact_seconds", 0.0) / coarse.nodes().shape[0]
             if ll_exact is not None
             else None,
             "total_s": None,
