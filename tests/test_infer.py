@@ -138,6 +138,7 @@ def test_infer_bad_input_is_one_line(cond_ckpt, tmp_path, run_command, tiny_chec
         ([f"ckpt={cond_ckpt}", f"maps={other}", out], "but the emulator was trained on 1x16² maps of 2 arcmin"),
         ([f"ckpt={cond_ckpt}", f"maps={nan}", out], "NaN"),
         ([f"ckpt={cond_ckpt}", f"maps={maps}", out, "grid_points=1"], "grid_points must be an integer >= 3"),
+        ([f"ckpt={cond_ckpt}", f"maps={maps}", out, "grid_points=3", "refine=4"], "refine > 1 needs grid_points >= 4"),
     ]
     for args, match in cases:
         res = _infer(run_command, *args)

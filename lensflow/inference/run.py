@@ -75,6 +75,9 @@ class InferRequest:
             if not (isinstance(box, (list, tuple)) and len(box) == 2):
                 raise ValueError(f"prior.{name}: expected [lo, hi], got {box!r}")
             prior[str(name)] = (float(box[0]), float(box[1]))
+        # checked here, not after the likelihoods: a cubic spline needs 4 nodes per axis
+        if check_int("refine", c.get("refine", 1), 1) > 1 and check_int("grid_points", c["grid_points"], 3) < 4:
+            raise ValueError("refine: refine > 1 needs grid_points >= 4 (a cubic spline); pass refine=1 or more points")
         return cls(
             ckpt=Path(str(c["ckpt"])),
             maps=Path(str(c["maps"])),
