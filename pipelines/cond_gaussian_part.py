@@ -31,7 +31,7 @@ def gaussian_part_log_prob(module, maps: np.ndarray, cond: dict) -> np.ndarray:
     x = torch.as_tensor(maps, dtype=torch.float32)
     c = module.normalize_cond(cond, n=x.shape[0])
     with torch.no_grad():
-        h, ld = glow.preprocess(x)
+        h, ld = glow.preprocess(x, c)
         y, ld2 = glow.stationary(h, c)
         d = y[0].numel()
         lp = (ld + ld2).double() - 0.5 * (y.double() ** 2).sum((1, 2, 3)) - 0.5 * d * math.log(2 * math.pi)

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.flow_checks import check_flow_layer
+from torch import Tensor
 
 from lensflow.flows import Glow, Preprocess
 from lensflow.flows.crop_gaussian import CropGaussian, crop_correlation
@@ -195,3 +197,69 @@ def test_a_conditional_glow_behind_it_reloads_and_its_ema_shares_the_factors():
         assert torch.isfinite(s).all()
     with pytest.raises(ValueError, match="conditional crop Gaussian is fitted on maps and their conditions"):
         Glow(1, 16, 2, 1, 8, cond_dim=2, stationary=True, stationary_dense=True).fit_preprocessing(x)
+
+
+def _gaussian_part(pre: Preprocess, layer: CropGaussian, x: Tensor, cond: Tensor) -> Tensor:
+    h, ld = pre(x, cond)
+    z, ld2 = layer(h, cond)
+    return ld + ld2 - 0.5 * (z**2).sum((1, 2, 3)) - 0.5 * z[0].numel() * math.log(2 * math.pi)
+
+
+def test_a_conditional_shifted_log_makes_the_gaussian_part_exact_between_the_nodes():
+    # A lognormal field's log has a θ-dependent mean (log λ − σ²(θ)/2) and variance; after a θ-dependent shifted
+    # log the crop Gaussian is the exact model at any θ. References: the simulator's λ, brute-force moments of
+    # the log's exact mean and std and the exact log p, at a θ that is not a node.
+    om, s8 = [0.22, 0.30, 0.38], [0.70, 0.80, 0.90]
+    x, theta = _grid_maps("lognormal", 8, 800, om, s8, seed=11)
+    mean, std = theta.mean(0), theta.std(0)
+    cond = (theta - mean) / std
+    held = [0.27, 0.86]
+    sim = FlatSimulator(8, 4.0, {**PLANCK18, "Omega_m": held[0], "sigma_8": held[1]}, 1.0, kind="lognormal")
+    test = torch.from_numpy(sim.generate(1000, seed=[12, 0]).astype(np.float64))
+    c = ((torch.tensor(held, dtype=torch.float64) - mean) / std).expand(len(test), 2)
+    gaps = {}
+    for degree in (2, None):
+        pre = Preprocess(1, log_shift=True, shift_method="ml", cond_dim=2, cond_degree=degree)
+        pre.fit(x, cond)
+        layer = CropGaussian(1, 8, cond_dim=2, degree=2)
+        layer.initialize(pre(x, cond)[0], cond)
+        with torch.no_grad():
+            model = _gaussian_part(pre, layer, test, c)
+        gaps[degree] = float(((sim.log_prob(test.numpy()) - model.numpy()) / 64).mean())
+        if degree is not None:
+            shift, mu, sd = (t[0, 0].item() for t in pre.statistics(c[:1]))
+            assert shift == pytest.approx(float(sim.shift[0]), rel=0.01)
+            # κ = λ (exp(g − σ²/2) − 1), g ~ N(0, σ²): log(κ + λ) has mean log λ − σ²/2 and std σ
+            var = float(sim.likelihood.sigma2[0])
+            # the fit's noise: a crop's mean scatters with the modes larger than it, over 800 maps a node
+            se = float(torch.log(test + float(sim.shift[0])).mean((1, 2, 3)).std()) / math.sqrt(800)
+            assert mu == pytest.approx(math.log(float(sim.shift[0])) - var / 2, abs=4 * se)
+            assert sd == pytest.approx(math.sqrt(var), rel=0.03)  # ~2 standard errors of a variance over 800 maps
+            check_flow_layer(pre, test[:3], c[:3], inverse_atol=1e-12, logdet_atol=1e-9)
+    assert abs(gaps[2]) < 1e-3  # nats per pixel: exact up to the estimate's noise
+    assert gaps[None] > 3 * max(abs(gaps[2]), 2e-4)  # one pooled mean and std are not the field's at this θ
+
+
+def test_a_conditional_shifted_log_refuses_what_it_cannot_fit_in_one_line():
+    x, theta = _grid_maps("lognormal", 8, 20, [0.25, 0.35], [0.75, 0.85], seed=13)
+    cond = (theta - theta.mean(0)) / theta.std(0)
+    with pytest.raises(ValueError, match="need at least 9 distinct conditions, the maps have 4"):
+        Preprocess(1, log_shift=True, cond_dim=2, cond_degree=2).fit(x, cond)
+    with pytest.raises(ValueError, match="cond: a conditional Preprocess is fitted on maps and their"):
+        Preprocess(1, log_shift=True, cond_dim=2, cond_degree=1).fit(x)
+    pre = Preprocess(1, log_shift=True, cond_dim=2, cond_degree=1)
+    pre.fit(x, cond)
+    with pytest.raises(ValueError, match=r"cond: this Preprocess needs cond of shape \[3, 2\], got None"):
+        pre(x[:3])
+    glow = Glow.from_config({**Glow(1, 8, 1, 1, 4, cond_dim=2).config, "log_shift": True, "shift_degree": 1})
+    glow.fit_preprocessing(x.float(), cond.float())
+    twin = Glow.from_config(glow.config)
+    twin.load_state_dict(glow.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            twin.log_prob(x[:5].float(), cond[:5].float()), glow.log_prob(x[:5].float(), cond[:5].float())
+        )
+    with pytest.raises(ValueError, match="cond: a conditional preprocessing is fitted on maps and their conditions"):
+        glow.fit_preprocessing(x.float())
+    with pytest.raises(ValueError, match="preprocess has cond_dim=2 but cond_dim=1"):
+        Glow(1, 8, 1, 1, 4, cond_dim=1, preprocess=pre)

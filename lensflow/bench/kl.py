@@ -53,6 +53,7 @@ _GLOW_KEYS = (
     "stationary_low_modes",
     "stationary_dense",
     "stationary_degree",
+    "shift_degree",
 )
 
 

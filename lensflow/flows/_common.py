@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +60,20 @@ def check_cond(cond: Tensor | None, cond_dim: int, batch: int, where: str) -> Te
     if not cond.is_floating_point():
         raise ValueError(f"cond must be a floating-point tensor, got dtype {cond.dtype}")
     return cond
+
+
+def polynomial_basis(cond: Tensor, degree: int) -> Tensor:
+    """Tensor-product monomials ``Π_p θ_p^{k_p}``, ``0 ≤ k_p ≤ degree``, of ``cond`` [B, P]: ``[B, (degree+1)^P]``
+    (float64; the first column is 1)."""
+    c = cond.to(torch.float64)
+    powers = torch.stack([c**k for k in range(degree + 1)], dim=-1)  # [B, P, degree + 1]
+    cols = []
+    for ks in itertools.product(range(degree + 1), repeat=c.shape[1]):
+        col = torch.ones(c.shape[0], dtype=torch.float64, device=c.device)
+        for p, k in enumerate(ks):
+            col = col * powers[:, p, k]
+        cols.append(col)
+    return torch.stack(cols, dim=1)
 
 
 class DataInitialized(nn.Module):

@@ -30,14 +30,13 @@ least recently used first out beyond ``cache_bytes``; it is never saved. The den
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import DataInitialized, acc_dtype, check_cond, check_positive_int
+from ._common import DataInitialized, acc_dtype, check_cond, check_positive_int, polynomial_basis
 
 __all__ = ["CropGaussian", "crop_correlation", "polynomial_basis"]
 
@@ -68,20 +67,6 @@ def crop_correlation(x: Tensor, weights: Tensor | None = None) -> tuple[Tensor, 
     sums = sums[..., idx, :][..., idx]
     pairs = pairs[idx][:, idx].round()
     return sums, pairs
-
-
-def polynomial_basis(cond: Tensor, degree: int) -> Tensor:
-    """Tensor-product monomials ``Π_p θ_p^{k_p}``, ``0 ≤ k_p ≤ degree``, of ``cond`` [B, P]: ``[B, (degree+1)^P]``
-    (float64; the first column is 1)."""
-    c = cond.to(torch.float64)
-    powers = torch.stack([c**k for k in range(degree + 1)], dim=-1)  # [B, P, degree + 1]
-    cols = []
-    for ks in itertools.product(range(degree + 1), repeat=c.shape[1]):
-        col = torch.ones(c.shape[0], dtype=torch.float64, device=c.device)
-        for p, k in enumerate(ks):
-            col = col * powers[:, p, k]
-        cols.append(col)
-    return torch.stack(cols, dim=1)
 
 
 def _symmetrize(xi: Tensor) -> Tensor:

@@ -106,6 +106,8 @@ class Glow(nn.Module):
             raise ValueError(f"preprocess must be a Preprocess or None, got {type(preprocess).__name__}")
         elif preprocess.channels != in_channels:
             raise ValueError(f"preprocess has {preprocess.channels} channels but in_channels={in_channels}")
+        elif preprocess.conditional and preprocess.cond_dim != cond_dim:
+            raise ValueError(f"preprocess has cond_dim={preprocess.cond_dim} but cond_dim={cond_dim}")
         if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)):
             raise ValueError(f"init_seed must be an int or None, got {init_seed!r}")
 
@@ -203,18 +205,22 @@ class Glow(nn.Module):
             "log_shift": self.preprocess.log_shift,
             "margin": self.preprocess.margin,
             "shift_method": self.preprocess.shift_method,
+            "shift_degree": self.preprocess.cond_degree,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, init_seed: int | None = None) -> Glow:
         """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics); ``init_seed`` as
-        in the constructor. ``log_shift``, ``margin`` and ``shift_method`` configure the :class:`Preprocess`."""
+        in the constructor. ``log_shift``, ``margin``, ``shift_method`` and ``shift_degree`` (the degree of a
+        conditional model's θ-dependent preprocessing; ``None``: one for all θ) configure the :class:`Preprocess`."""
         cfg = dict(config)
         pre = Preprocess(
             cfg["in_channels"],
             log_shift=cfg.pop("log_shift", False),
             margin=cfg.pop("margin", 1.0),
             shift_method=cfg.pop("shift_method", "margin"),
+            cond_dim=cfg.get("cond_dim", 0),
+            cond_degree=cfg.pop("shift_degree", None),
         )
         return cls(preprocess=pre, init_seed=init_seed, **cfg)
 
@@ -223,17 +229,28 @@ class Glow(nn.Module):
         """Fit the fixed parts in front of the flow on training maps [N, C, H, W] (κ): the preprocessing statistics,
         then the stationary layer's whitening (its data-dependent initialisation, on all of these maps rather than
         one batch: a dense correlation or low-mode block needs many maps). ``cond`` [N, P] (normalised) are the
-        maps' conditions; the conditional crop Gaussian needs them, the stationary filter ignores them here."""
-        self.preprocess.fit(maps, chunk=chunk)
+        maps' conditions; a conditional preprocessing and the conditional crop Gaussian need them, the stationary filter
+        ignores them here."""
+        x = torch.as_tensor(maps)
+        if cond is not None:
+            cond = self._check_cond(torch.as_tensor(cond), x.shape[0]).to(torch.float64)
+        if self.cond_dim and cond is None:
+            for needs, what in (
+                (isinstance(self.stationary, CropGaussian), "crop Gaussian"),
+                (self.preprocess.conditional, "preprocessing"),
+            ):
+                if needs:
+                    raise ValueError(f"cond: a conditional {what} is fitted on maps and their conditions [N, P]")
+        self.preprocess.fit(x, cond if self.preprocess.conditional else None, chunk=chunk)
         if self.stationary is None:
             return
-        x = torch.as_tensor(maps)
         dev = self.preprocess.mean.device
-        parts = [self.preprocess(x[i : i + chunk].to(dev, torch.float64))[0] for i in range(0, x.shape[0], chunk)]
+        parts = [
+            self.preprocess(x[i : i + chunk].to(dev, torch.float64), None if cond is None else cond[i : i + chunk])[0]
+            for i in range(0, x.shape[0], chunk)
+        ]
         if isinstance(self.stationary, CropGaussian) and self.cond_dim:
-            if cond is None:
-                raise ValueError("cond: a conditional crop Gaussian is fitted on maps and their conditions [N, P]")
-            self.stationary.initialize(torch.cat(parts), self._check_cond(torch.as_tensor(cond), x.shape[0]))
+            self.stationary.initialize(torch.cat(parts), cond)
         else:
             self.stationary.initialize(torch.cat(parts))
 
@@ -268,7 +285,7 @@ class Glow(nn.Module):
         """Encode ``x`` (κ units). Returns ``(zs, logdet[B])``, ``logdet = log|det d(zs)/dx|`` in nats."""
         self._check_x(x)
         cond = self._check_cond(cond, x.shape[0])
-        h, logdet = self.preprocess(x)
+        h, logdet = self.preprocess(x, cond)
         if self.stationary is not None:
             h, ld = self.stationary(h, cond)
             logdet = logdet + ld
@@ -329,7 +346,7 @@ class Glow(nn.Module):
             h = self.squeeze.inverse(h)
         if self.stationary is not None:
             h = self.stationary.inverse(h, cond)
-        return self.preprocess.inverse(h)
+        return self.preprocess.inverse(h, cond)
 
     def split_noise(self, noise: Tensor) -> list[Tensor]:
         """Cut a ``[n, num_dims]`` tensor into per-level latents in the documented noise order."""

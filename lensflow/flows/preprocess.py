@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import acc_dtype, check_positive_int
+from ._common import acc_dtype, check_positive_int, polynomial_basis
 
 # Points at or below -shift have zero density under a shifted-log model. They are clamped to
 # (1e-6 * shift) above the support edge, which gives a very low but finite log-density instead of NaN,
@@ -61,6 +61,14 @@ class Preprocess(nn.Module):
     (``-sum(log std)`` per pixel, plus ``-sum(log(x + shift))`` with the log), so a flow's ``log_prob``
     on ``y`` plus this term is the density of κ itself, comparable between preprocessing choices.
 
+    **Conditional** (``cond_dim = P > 0`` and ``cond_degree = d``): the shift, mean and std depend on the
+    (normalised) parameters θ, as ``log λ(θ)``, ``mean(θ)`` and ``log std(θ)`` tensor-product polynomials of degree
+    ``d`` in each parameter (buffers ``log_shift_coef``, ``mean_coef``, ``log_std_coef`` [(d+1)^P, C]). A lognormal
+    field's shift and log-variance move with the cosmology (λ with Ω_m); one pooled λ leaves every θ but the pooled
+    one with a log that is not its field's, which no Gaussian layer behind it can undo. :meth:`fit` estimates them
+    per distinct θ of the training maps and smooths them by least squares (weighted by maps), so any design with at
+    least (d+1)^P distinct θ works. ``shift``, ``mean`` and ``std`` then hold the values at θ = 0 (the training mean).
+
     All state is in buffers (``mean``, ``std``, ``shift`` [C]; ``fitted``, ``log_shift_flag``) and is
     saved in a ``state_dict``. Before :meth:`fit` the map is the identity (mean 0, std 1), unless
     ``log_shift`` is on, which needs a shift: either pass ``shift`` (e.g. the lognormal shift parameter λ
@@ -75,6 +83,9 @@ class Preprocess(nn.Module):
             lognormal one-point PDF (see :func:`ml_shift`; for shifted-lognormal κ it recovers the true λ), or
             ``"margin"``, ``-min(κ) + margin * std(κ)`` (the choice of lensflow <= 0.1; it puts the support's edge
             ``margin`` standard deviations below the lowest training pixel, where a flow then places mass).
+        cond_dim: conditioning parameters P of the flow (0: unconditional).
+        cond_degree: with ``cond_dim > 0``, the polynomial degree of the θ-dependent statistics (``None``: one set
+            of statistics for all θ, the choice of lensflow <= 0.2).
     """
 
     def __init__(
@@ -84,9 +95,14 @@ class Preprocess(nn.Module):
         shift: float | Sequence[float] | None = None,
         margin: float = 1.0,
         shift_method: str = "margin",
+        cond_dim: int = 0,
+        cond_degree: int | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("channels", channels)
+        check_positive_int("cond_dim", cond_dim, minimum=0)
+        if cond_degree is not None:
+            check_positive_int("cond_degree", cond_degree, minimum=0)
         if not margin > 0:
             raise ValueError(f"margin must be > 0, got {margin!r}")
         if shift_method not in SHIFT_METHODS:
@@ -110,7 +126,19 @@ class Preprocess(nn.Module):
             if s.numel() != channels or not bool(torch.all(torch.isfinite(s) & (s > 0))):
                 raise ValueError(f"shift must be one positive finite value or {channels} of them, got {shift!r}")
             self.shift.copy_(s)
+        self.cond_dim = int(cond_dim)
+        self.cond_degree = int(cond_degree) if cond_degree is not None and cond_dim else None
+        if self.conditional:
+            k = (self.cond_degree + 1) ** self.cond_dim
+            for name in ("log_shift_coef", "mean_coef", "log_std_coef"):
+                self.register_buffer(name, torch.zeros(k, channels, dtype=torch.float64))
+            self.log_shift_coef[0] = torch.log(self.shift.clamp_min(1e-300))
         self._shift_ready = not self.log_shift or self._fixed_shift
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the statistics depend on the condition."""
+        return self.cond_degree is not None
 
     # -- state --------------------------------------------------------------------------------------------
     @property
@@ -130,51 +158,122 @@ class Preprocess(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # The statistics stay float64 whatever the module is cast to (model.float(), bf16, ...): only
         # their device follows the module.
-        saved = {k: getattr(self, k) for k in ("mean", "std", "shift")}
+        names = ("mean", "std", "shift") + (("log_shift_coef", "mean_coef", "log_std_coef") if self.conditional else ())
+        saved = {k: getattr(self, k) for k in names}
         out = super()._apply(fn, recurse)
         for k, v in saved.items():
             setattr(self, k, v.to(getattr(self, k).device))
         return out
 
     @torch.no_grad()
-    def fit(self, maps: Tensor | np.ndarray, chunk: int = 256) -> None:
+    def fit(self, maps: Tensor | np.ndarray, cond: Tensor | None = None, chunk: int = 256) -> None:
         """Set the statistics from training maps ``[N, C, H, W]`` (κ units), accumulated in float64.
 
         With ``log_shift`` and no fixed ``shift``, the shift is the maximum-likelihood one (``shift_method="ml"``)
         or ``max(-min κ, 0) + margin * std κ`` per channel (``"margin"``); either way every training pixel sits
-        inside the support ``κ > -shift``.
+        inside the support ``κ > -shift``. A conditional preprocessing needs the maps' normalised conditions
+        ``cond`` [N, P] and fits its statistics per distinct θ, then smooths them over θ (see the class docstring).
         """
         maps = torch.as_tensor(maps)
         if maps.dim() != 4 or maps.shape[1] != self.channels:
             raise ValueError(f"maps must have shape [N, {self.channels}, H, W], got {tuple(maps.shape)}")
         if maps.shape[0] == 0:
             raise ValueError("maps: need at least one map to fit")
-        if self.log_shift and not self._fixed_shift:
-            m1, m2 = self._moments(maps, chunk, lambda x: x)
-            sd = (m2 - m1 * m1).clamp_min(0).sqrt()
-            if not bool(torch.all(sd > 0)):
-                raise ValueError("maps: a channel is constant, cannot fit a shift")
-            lo = self._chunked_min(maps, chunk)
-            if self.shift_method == "ml":
-                arr = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
-                fitted = [ml_shift(arr[:, c]) for c in range(self.channels)]
-                self.shift.copy_(torch.tensor(fitted, dtype=torch.float64))
-            else:
-                self.shift.copy_((-lo).clamp_min(0) + self.margin * sd)
+        if self.conditional:
+            self._fit_conditional(maps, cond, chunk)
+            return
+        shift, m1, sd = self._fit_stats(maps, chunk, None)
+        self.shift.copy_(shift)
+        self.mean.copy_(m1)
+        self.std.copy_(sd)
+        self.fitted.fill_(1)
+        self._shift_ready = True
+
+    def _fit_stats(self, maps: Tensor, chunk: int, shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(shift, mean, std) [C] of one set of maps; the shift is fitted unless fixed or given."""
+        if shift is None:
+            shift = self.shift.clone()
+            if self.log_shift and not self._fixed_shift:
+                m1, m2 = self._moments(maps, chunk, lambda x: x)
+                sd = (m2 - m1 * m1).clamp_min(0).sqrt()
+                if not bool(torch.all(sd > 0)):
+                    raise ValueError("maps: a channel is constant, cannot fit a shift")
+                lo = self._chunked_min(maps, chunk)
+                if self.shift_method == "ml":
+                    arr = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
+                    fitted = [ml_shift(arr[:, c]) for c in range(self.channels)]
+                    shift = torch.tensor(fitted, dtype=torch.float64, device=self.mean.device)
+                else:
+                    shift = (-lo).clamp_min(0) + self.margin * sd
         if self.log_shift:
-            shift = self.shift.view(1, -1, 1, 1)
-            if not bool(torch.all(self._chunked_min(maps, chunk) + self.shift > 0)):
+            sh = shift.view(1, -1, 1, 1)
+            if not bool(torch.all(self._chunked_min(maps, chunk) + shift > 0)):
                 raise ValueError("maps: some pixels are <= -shift, outside the shifted-log support")
-            m1, m2 = self._moments(maps, chunk, lambda x: torch.log(x + shift))
+            m1, m2 = self._moments(maps, chunk, lambda x: torch.log(x + sh))
         else:
             m1, m2 = self._moments(maps, chunk, lambda x: x)
         sd = (m2 - m1 * m1).clamp_min(0).sqrt()
         if not bool(torch.all(sd > 0)):
             raise ValueError("maps: a channel has zero variance, cannot standardise")
-        self.mean.copy_(m1)
-        self.std.copy_(sd)
+        return shift, m1, sd
+
+    def _fit_conditional(self, maps: Tensor, cond: Tensor | None, chunk: int) -> None:
+        if cond is None:
+            raise ValueError("cond: a conditional Preprocess is fitted on maps and their normalised conditions [N, P]")
+        cond = torch.as_tensor(cond)
+        if cond.dim() != 2 or cond.shape != (maps.shape[0], self.cond_dim):
+            raise ValueError(f"cond must have shape [{maps.shape[0]}, {self.cond_dim}], got {tuple(cond.shape)}")
+        uniq, inv = torch.unique(cond.detach().cpu().to(torch.float64), dim=0, return_inverse=True)
+        k = self.mean_coef.shape[0]
+        if uniq.shape[0] < k:
+            raise ValueError(
+                f"Preprocess: statistics of degree {self.cond_degree} in {self.cond_dim} parameters need at least {k} "
+                f"distinct conditions, the maps have {uniq.shape[0]}; lower model.shift_degree or add maps"
+            )
+        groups = [(inv == g).nonzero().squeeze(1) for g in range(uniq.shape[0])]
+        phi = polynomial_basis(uniq, self.cond_degree)  # [G, K]
+        w = torch.tensor([len(rows) for rows in groups], dtype=torch.float64).sqrt()[:, None]
+        if int(torch.linalg.matrix_rank(phi * w)) < k:
+            raise ValueError(
+                f"Preprocess: the {uniq.shape[0]} distinct conditions do not determine a degree-{self.cond_degree} "
+                "polynomial (too few values along a parameter); lower model.shift_degree"
+            )
+
+        def smooth(values: Tensor) -> Tensor:  # weighted least squares [G, C] -> coefficients [K, C]
+            return torch.linalg.lstsq(phi * w, values * w).solution
+
+        dev = self.mean.device
+        if self.log_shift and not self._fixed_shift:
+            raw = torch.stack([self._fit_stats(maps[rows], chunk, None)[0].cpu() for rows in groups])
+            self.log_shift_coef.copy_(smooth(torch.log(raw)))
+        shifts = torch.exp(phi @ self.log_shift_coef.cpu()).to(dev)
+        stats = []
+        for g, rows in enumerate(groups):
+            try:
+                stats.append(self._fit_stats(maps[rows], chunk, shifts[g])[1:])
+            except ValueError as err:
+                raise ValueError(
+                    f"{err} at condition {uniq[g].tolist()} after smoothing the shift over θ; lower model.shift_degree"
+                ) from None
+        self.mean_coef.copy_(smooth(torch.stack([m for m, _ in stats]).cpu()))
+        self.log_std_coef.copy_(smooth(torch.log(torch.stack([s for _, s in stats]).cpu())))
+        self.shift.copy_(torch.exp(self.log_shift_coef[0]) if self.log_shift else self.shift)
+        self.mean.copy_(self.mean_coef[0])
+        self.std.copy_(torch.exp(self.log_std_coef[0]))
         self.fitted.fill_(1)
         self._shift_ready = True
+
+    def statistics(self, cond: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(shift, mean, std)``, float64: ``[B, C]`` at normalised ``cond`` [B, P] if conditional, else ``[1, C]``."""
+        if not self.conditional:
+            return self.shift.view(1, -1), self.mean.view(1, -1), self.std.view(1, -1)
+        if cond is None:
+            raise ValueError(
+                f"cond: this Preprocess has cond_dim={self.cond_dim}; pass cond of shape [B, {self.cond_dim}]"
+            )
+        phi = polynomial_basis(cond.to(self.mean_coef.device), self.cond_degree)
+        shift = torch.exp(phi @ self.log_shift_coef) if self.log_shift else self.shift.view(1, -1).expand(len(phi), -1)
+        return shift, phi @ self.mean_coef, torch.exp(phi @ self.log_std_coef)
 
     def _chunked_min(self, maps: Tensor, chunk: int) -> Tensor:
         lo = torch.full((self.channels,), float("inf"), dtype=torch.float64, device=self.mean.device)
@@ -196,37 +295,36 @@ class Preprocess(nn.Module):
         return s1 / n, s2 / n
 
     # -- transform ----------------------------------------------------------------------------------------
-    def _check(self, x: Tensor, name: str) -> None:
+    def _check(self, x: Tensor, name: str, cond: Tensor | None) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"{name} must have shape [B, {self.channels}, H, W], got {tuple(x.shape)}")
+        if self.conditional and (cond is None or cond.dim() != 2 or cond.shape != (x.shape[0], self.cond_dim)):
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"cond: this Preprocess needs cond of shape [{x.shape[0]}, {self.cond_dim}], got {got}")
         if self.log_shift and not self._shift_ready:
             raise ValueError("Preprocess(log_shift=True) has no shift yet: call fit(maps) or pass shift=")
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """κ -> standardised ``y``. Returns ``(y, logdet[B])`` with ``logdet = sum log|dy/dx|``."""
-        self._check(x, "x")
+        self._check(x, "x", cond)
         dt = acc_dtype(x)
         x = x.to(dt)
-        mean, std = self.mean.to(dt).view(1, -1, 1, 1), self.std.to(dt).view(1, -1, 1, 1)
+        shift, mean, std = (t.to(x.device, dt)[:, :, None, None] for t in self.statistics(cond))
         hw = x.shape[2] * x.shape[3]
-        logdet = -torch.log(self.std.to(dt)).sum() * hw
+        logdet = (-torch.log(std).sum(dim=(1, 2, 3)) * hw).expand(x.shape[0])
         if self.log_shift:
-            shift = self.shift.to(dt).view(1, -1, 1, 1)
-            xs = torch.maximum(x + shift, _EDGE * shift)
-            u = torch.log(xs)
-            y = (u - mean) / std
-            return y, logdet - u.sum(dim=(1, 2, 3))
-        return (x - mean) / std, logdet.expand(x.shape[0])
+            u = torch.log(torch.maximum(x + shift, _EDGE * shift))
+            return (u - mean) / std, logdet - u.sum(dim=(1, 2, 3))
+        return (x - mean) / std, logdet
 
     def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
         """Standardised ``y`` -> κ."""
-        self._check(y, "y")
+        self._check(y, "y", cond)
         dt = acc_dtype(y)
-        y = y.to(dt)
-        u = y * self.std.to(dt).view(1, -1, 1, 1) + self.mean.to(dt).view(1, -1, 1, 1)
-        if self.log_shift:
-            return torch.exp(u) - self.shift.to(dt).view(1, -1, 1, 1)
-        return u
+        shift, mean, std = (t.to(y.device, dt)[:, :, None, None] for t in self.statistics(cond))
+        u = y.to(dt) * std + mean
+        return torch.exp(u) - shift if self.log_shift else u
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, log_shift={self.log_shift}, shift_method={self.shift_method}"
+        extra = f", cond_dim={self.cond_dim}, cond_degree={self.cond_degree}" if self.conditional else ""
+        return f"channels={self.channels}, log_shift={self.log_shift}, shift_method={self.shift_method}{extra}"

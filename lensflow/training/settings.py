@@ -57,7 +57,9 @@ class ModelSettings(_Settings):
     ``stationary`` puts the learned Fourier-space Gaussian layer in front of the multi-scale Glow, with a fitted
     dense block for its ``stationary_low_modes``² lowest modes; ``stationary_dense`` replaces it by the fitted exact
     Gaussian of a stationary field on the crop (maps up to 64²; for a conditional model its correlation function is a
-    polynomial of degree ``stationary_degree`` in each normalised parameter, fitted on all training maps).
+    polynomial of degree ``stationary_degree`` in each normalised parameter, fitted on all training maps);
+    ``shift_degree`` makes a conditional model's shifted log (its λ, mean and std) polynomials of that degree in θ
+    (``None``: one for all θ).
     docs/emulator-design.md measures each: the ML shift and the crop Gaussian cut the kappa_quick KL gap from 0.0040
     to 0.00011 bits/pixel.
     """
@@ -80,6 +82,7 @@ class ModelSettings(_Settings):
     stationary_low_modes: int = 8
     stationary_dense: bool = False
     stationary_degree: int = 3
+    shift_degree: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("glow",))
@@ -89,6 +92,7 @@ class ModelSettings(_Settings):
         check_int("model.stationary_low_modes", self.stationary_low_modes, 0)
         check_bool("model.stationary_dense", self.stationary_dense)
         check_int("model.stationary_degree", self.stationary_degree, 0)
+        check_optional_int("model.shift_degree", self.shift_degree, 0)
         for name in ("levels", "steps", "hidden"):
             check_int(f"model.{name}", getattr(self, name), 1)
         check_optional_int("model.cond_dim", self.cond_dim, 0)
@@ -126,6 +130,7 @@ class ModelSettings(_Settings):
             "stationary_low_modes": self.stationary_low_modes,
             "stationary_dense": self.stationary_dense,
             "stationary_degree": self.stationary_degree,
+            "shift_degree": self.shift_degree,
         }
 
 
