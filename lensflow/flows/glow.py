@@ -234,13 +234,10 @@ class Glow(nn.Module):
         x = torch.as_tensor(maps)
         if cond is not None:
             cond = self._check_cond(torch.as_tensor(cond), x.shape[0]).to(torch.float64)
-        if self.cond_dim and cond is None:
-            for needs, what in (
-                (isinstance(self.stationary, CropGaussian), "crop Gaussian"),
-                (self.preprocess.conditional, "preprocessing"),
-            ):
-                if needs:
-                    raise ValueError(f"cond: a conditional {what} is fitted on maps and their conditions [N, P]")
+        crop = isinstance(self.stationary, CropGaussian) and self.cond_dim > 0
+        if cond is None and (crop or self.preprocess.conditional):
+            what = "crop Gaussian" if crop else "preprocessing"
+            raise ValueError(f"cond: a conditional {what} is fitted on maps and their conditions [N, P]")
         self.preprocess.fit(x, cond if self.preprocess.conditional else None, chunk=chunk)
         if self.stationary is None:
             return
@@ -249,7 +246,7 @@ class Glow(nn.Module):
             self.preprocess(x[i : i + chunk].to(dev, torch.float64), None if cond is None else cond[i : i + chunk])[0]
             for i in range(0, x.shape[0], chunk)
         ]
-        if isinstance(self.stationary, CropGaussian) and self.cond_dim:
+        if crop:
             self.stationary.initialize(torch.cat(parts), cond)
         else:
             self.stationary.initialize(torch.cat(parts))

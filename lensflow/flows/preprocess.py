@@ -64,10 +64,11 @@ class Preprocess(nn.Module):
     **Conditional** (``cond_dim = P > 0`` and ``cond_degree = d``): the shift, mean and std depend on the
     (normalised) parameters θ, as ``log λ(θ)``, ``mean(θ)`` and ``log std(θ)`` tensor-product polynomials of degree
     ``d`` in each parameter (buffers ``log_shift_coef``, ``mean_coef``, ``log_std_coef`` [(d+1)^P, C]). A lognormal
-    field's shift and log-variance move with the cosmology (λ with Ω_m); one pooled λ leaves every θ but the pooled
-    one with a log that is not its field's, which no Gaussian layer behind it can undo. :meth:`fit` estimates them
-    per distinct θ of the training maps and smooths them by least squares (weighted by maps), so any design with at
-    least (d+1)^P distinct θ works. ``shift``, ``mean`` and ``std`` then hold the values at θ = 0 (the training mean).
+    field's log has mean ``log λ − σ²(θ)/2`` and std ``σ(θ)`` (and in N-body fields λ itself moves with θ); one pooled
+    mean leaves every other θ a field whose mean is not zero, which the zero-mean Gaussian layer behind it cannot fit.
+    :meth:`fit` estimates them per distinct θ of the training maps and smooths them by least squares (weighted by
+    maps), so any design with at least (d+1)^P distinct θ works. ``shift``, ``mean`` and ``std`` then hold the values
+    at θ = 0 (the training mean).
 
     All state is in buffers (``mean``, ``std``, ``shift`` [C]; ``fitted``, ``log_shift_flag``) and is
     saved in a ``state_dict``. Before :meth:`fit` the map is the identity (mean 0, std 1), unless
@@ -257,7 +258,8 @@ class Preprocess(nn.Module):
                 ) from None
         self.mean_coef.copy_(smooth(torch.stack([m for m, _ in stats]).cpu()))
         self.log_std_coef.copy_(smooth(torch.log(torch.stack([s for _, s in stats]).cpu())))
-        self.shift.copy_(torch.exp(self.log_shift_coef[0]) if self.log_shift else self.shift)
+        if self.log_shift:
+            self.shift.copy_(torch.exp(self.log_shift_coef[0]))
         self.mean.copy_(self.mean_coef[0])
         self.std.copy_(torch.exp(self.log_std_coef[0]))
         self.fitted.fill_(1)
