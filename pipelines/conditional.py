@@ -13,7 +13,7 @@ of the box (a figure), and ``python -m lensflow.infer`` on 100 maps simulated at
 (posteriors beside the exact and C_ℓ ones). Everything lands in ``--out``.
 
 The box is the parameter box the emulator must be right in; the training design may extend beyond it
-(``kappa_cond_cpu`` pads it by one grid spacing, so that the box edges are not the edges of its θ fits).
+(``kappa_cond_cpu`` overhangs it by 1/8 of its width, so that the box edges are not the edges of its θ fits).
 """
 
 from __future__ import annotations
