@@ -16,12 +16,12 @@ ending at the box edges; ``pad``, 7 × 7 overhanging the box by 1/8 of its width
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import numpy as np
 import torch
+from cond_gaussian_part import layers_log_prob  # this folder: the script's own directory is on sys.path
 
 from lensflow._util.atomic import write_json
 from lensflow.flows.crop_gaussian import CropGaussian
@@ -86,12 +86,7 @@ def gaps(model, tests: dict) -> list[tuple[float, float]]:
     for (om, s8), (maps, exact) in tests.items():
         x = torch.as_tensor(maps, dtype=torch.float32)
         c = torch.as_tensor(np.tile((np.array([om, s8]) - mu) / sd, (len(maps), 1)), dtype=torch.float32)
-        with torch.no_grad():
-            h, ld = pre(x, c)
-            y, ld2 = layer(h, c)
-            d = y[0].numel()
-            lp = (ld + ld2).double() - 0.5 * (y.double() ** 2).sum((1, 2, 3)) - 0.5 * d * math.log(2 * math.pi)
-        out.append(kl_gap_bits(exact, lp.numpy(), d))
+        out.append(kl_gap_bits(exact, layers_log_prob(pre, layer, x, c), int(np.prod(maps.shape[1:]))))
     return out
 
 
@@ -108,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(designs) - set(DESIGNS))
     if unknown:
         raise SystemExit(f"error: --designs: unknown {unknown}; choose from {sorted(DESIGNS)}")
-    degrees = [tuple(int(v) for v in d.split("/")) for d in a.degrees.split(",")]
+    try:
+        degrees = [(int(s), int(x)) for s, x in (d.split("/") for d in a.degrees.split(","))]
+    except ValueError:
+        raise SystemExit(f"error: --degrees: {a.degrees!r} is not a list of shift/xi degrees such as 2/2,3/3") from None
     tests = {}
     for k, (om, s8) in enumerate(TEST):
         sim = simulator(om, s8)

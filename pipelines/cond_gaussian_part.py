@@ -25,17 +25,22 @@ from lensflow.sims.truth import StoreTruth
 THETAS = [(0.30, 0.80), (0.3167, 0.8167), (0.25, 0.75), (0.205, 0.705), (0.395, 0.895)]
 
 
-def gaussian_part_log_prob(module, maps: np.ndarray, cond: dict) -> np.ndarray:
-    """log p (nats per map) of the EMA model's preprocessing and stationary layer alone, latents standard normal."""
-    glow = module.glow_ema
-    x = torch.as_tensor(maps, dtype=torch.float32)
-    c = module.normalize_cond(cond, n=x.shape[0])
+def layers_log_prob(preprocess, stationary, x: torch.Tensor, cond: torch.Tensor) -> np.ndarray:
+    """log p (nats per map) of maps ``x`` under a preprocessing and a stationary layer alone, latents standard normal,
+    at normalised conditions ``cond`` [B, P]."""
     with torch.no_grad():
-        h, ld = glow.preprocess(x, c)
-        y, ld2 = glow.stationary(h, c)
+        h, ld = preprocess(x, cond)
+        y, ld2 = stationary(h, cond)
         d = y[0].numel()
         lp = (ld + ld2).double() - 0.5 * (y.double() ** 2).sum((1, 2, 3)) - 0.5 * d * math.log(2 * math.pi)
     return lp.numpy()
+
+
+def gaussian_part_log_prob(module, maps: np.ndarray, cond: dict) -> np.ndarray:
+    """log p (nats per map) of the EMA model's preprocessing and stationary layer alone."""
+    glow = module.glow_ema
+    x = torch.as_tensor(maps, dtype=torch.float32)
+    return layers_log_prob(glow.preprocess, glow.stationary, x, module.normalize_cond(cond, n=x.shape[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
