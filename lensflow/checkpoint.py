@@ -3,7 +3,8 @@
 A checkpoint is a Lightning checkpoint of plain data, so ``torch.load(path, weights_only=True)`` reads it:
 
 * ``state_dict``: ``glow.*`` (raw weights, which the optimizer state belongs to), ``glow_ema.*`` (the EMA
-  weights used for sampling), ``cond_mean``/``cond_std`` (physical units) and ``ema_steps``;
+  weights used for sampling), ``cond_mean``/``cond_std`` (physical units, or of ln θ with ``model.cond_log``) and
+  ``ema_steps``;
 * ``hyper_parameters``: plain dicts ``model, meta, npix, store, param_names, optim, check, seed, config``,
   where ``meta`` is the training store's :meth:`lensflow.mapstore.StoreMeta.to_dict`. Older checkpoints
   (lensflow 0.1 before the training/generation split) hold a ``map_meta`` dict instead of

@@ -122,13 +122,19 @@ def condition_grid(cond: Mapping[str, Any] | None, param_names: Sequence[str]) -
     return np.array(list(itertools.product(*axes)), dtype=np.float64).reshape(-1, len(names))
 
 
-def normalize_conditions(rows: Any, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor | None:
-    """``(rows - mean) / std`` in float64, returned as float32 on ``mean``'s device (what the Glow takes).
+def normalize_conditions(rows: Any, mean: torch.Tensor, std: torch.Tensor, log: bool = False) -> torch.Tensor | None:
+    """``(rows - mean) / std`` (``(log rows - mean) / std`` with ``log``) in float64, returned as float32 on
+    ``mean``'s device (what the Glow takes).
 
     ``rows`` are physical values ``[n, P]`` (array or tensor; ``None`` for an unconditional model);
-    ``mean``/``std`` ``[P]`` are the training-split statistics (float64 buffers of the model).
+    ``mean``/``std`` ``[P]`` are the training-split statistics of the values or of their logs (float64 buffers of
+    the model).
     """
     if rows is None:
         return None
     c = torch.as_tensor(rows, dtype=torch.float64).to(mean.device)
+    if log:
+        if not bool(torch.all(c > 0)):
+            raise ValueError(f"cond: this model conditions on log θ and needs positive values, got min {c.min():g}")
+        c = torch.log(c)
     return ((c - mean) / std).to(torch.float32)

@@ -16,6 +16,7 @@ ending at the box edges; ``pad``, 7 × 7 overhanging the box by 1/8 of its width
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -65,10 +66,12 @@ def design_maps(name: str, per_node: int, seed: int) -> tuple[np.ndarray, np.nda
     return np.concatenate(maps), np.concatenate(theta)
 
 
-def fit(maps: np.ndarray, theta: np.ndarray, shift_degree: int, xi_degree: int):
-    """The two fitted layers, as ``Glow.fit_preprocessing`` builds them, and the θ normalisation."""
-    mu, sd = theta.mean(0), theta.std(0)
-    cond = torch.as_tensor((theta - mu) / sd, dtype=torch.float32)
+def fit(maps: np.ndarray, theta: np.ndarray, shift_degree: int, xi_degree: int, space: str = "linear"):
+    """The two fitted layers, as ``Glow.fit_preprocessing`` builds them, and the θ normalisation (of θ itself, or of
+    log θ with ``space="log"``)."""
+    t = np.log(theta) if space == "log" else theta
+    mu, sd = t.mean(0), t.std(0)
+    cond = torch.as_tensor((t - mu) / sd, dtype=torch.float32)
     x = torch.as_tensor(maps)
     pre = Preprocess(1, log_shift=True, shift_method="ml", cond_dim=2, cond_degree=shift_degree)
     pre.fit(x, cond)
@@ -76,16 +79,17 @@ def fit(maps: np.ndarray, theta: np.ndarray, shift_degree: int, xi_degree: int):
         h, _ = pre(x, cond)
     layer = CropGaussian(1, NPIX, cond_dim=2, degree=xi_degree)
     layer.initialize(h, cond)
-    return pre, layer, mu, sd
+    return pre, layer, mu, sd, space
 
 
 def gaps(model, tests: dict) -> list[tuple[float, float]]:
     """KL gap (bits/pixel, SE) of the Gaussian part at each test θ."""
-    pre, layer, mu, sd = model
+    pre, layer, mu, sd, space = model
     out = []
     for (om, s8), (maps, exact) in tests.items():
         x = torch.as_tensor(maps, dtype=torch.float32)
-        c = torch.as_tensor(np.tile((np.array([om, s8]) - mu) / sd, (len(maps), 1)), dtype=torch.float32)
+        t = np.log([om, s8]) if space == "log" else np.array([om, s8])
+        c = torch.as_tensor(np.tile((t - mu) / sd, (len(maps), 1)), dtype=torch.float32)
         out.append(kl_gap_bits(exact, layers_log_prob(pre, layer, x, c), int(np.prod(maps.shape[1:]))))
     return out
 
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-node", type=int, default=480, help="maps per design node")
     p.add_argument("--maps", type=int, default=300, help="fresh maps per test θ")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--spaces", default="linear", help="θ the polynomials are in: linear, log, or linear,log")
     a = p.parse_args(argv)
     designs = a.designs.split(",")
     unknown = sorted(set(designs) - set(DESIGNS))
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         degrees = [(int(s), int(x)) for s, x in (d.split("/") for d in a.degrees.split(","))]
     except ValueError:
         raise SystemExit(f"error: --degrees: {a.degrees!r} is not a list of shift/xi degrees such as 2/2,3/3") from None
+    spaces = a.spaces.split(",")
+    if not set(spaces) <= {"linear", "log"}:
+        raise SystemExit(f"error: --spaces: {a.spaces!r}; choose from linear, log")
     tests = {}
     for k, (om, s8) in enumerate(TEST):
         sim = simulator(om, s8)
@@ -115,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in designs:
         maps, theta = design_maps(name, a.per_node, a.seed)
-        for ds, dx in degrees:
+        for (ds, dx), space in itertools.product(degrees, spaces):
             t0 = time.time()
-            g = gaps(fit(maps, theta, ds, dx), tests)
+            g = gaps(fit(maps, theta, ds, dx, space), tests)
             rows.append(
                 {
                     "design": name,
@@ -125,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                     "per_node": a.per_node,
                     "shift_degree": ds,
                     "xi_degree": dx,
+                    "theta_space": space,
                     "kl_bits_per_pixel": [v for v, _ in g],
                     "kl_se": [s for _, s in g],
                 }
             )
-            print(f"{name} {a.per_node}/node degrees {ds}/{dx}: " + " ".join(f"{v:.5f}" for v, _ in g), flush=True)
+            line = " ".join(f"{v:.5f}" for v, _ in g)
+            print(f"{name} {a.per_node}/node degrees {ds}/{dx} in {space} θ: {line}", flush=True)
             print(f"  ({time.time() - t0:.0f} s)", flush=True)
         del maps
     write_json(a.out, {"test_theta": TEST, "test_maps": a.maps, "rows": rows})

@@ -395,3 +395,29 @@ def test_a_conditional_crop_gaussian_is_fitted_on_the_maps_at_their_conditions()
     assert hi / lo == pytest.approx(0.95 / 0.75, rel=0.03)  # between the nodes
     x = torch.as_tensor(train[-200:], dtype=torch.float32)  # amplitude 1.0
     assert bool((mod.log_prob(x, cond={"sigma_8": 1.0}) > mod.log_prob(x, cond={"sigma_8": 0.8})).all())
+
+
+def test_log_conditioning_fits_a_power_law_amplitude_between_the_nodes():
+    # Fields of std 0.01 θ^1.5 (κ's amplitude is close to a power law of Ω_m and σ_8) at 7 nodes over θ ∈ [0.175,
+    # 0.425]; each node's noise is standardised exactly, so the only error left is the quadratic's. Conditioned on
+    # log θ the shifted log's log std is linear and fitted exactly; on θ the quadratic misses the power law between
+    # the nodes. Reference: the known law at held-out θ.
+    nodes = np.linspace(0.175, 0.425, 7)
+    rng = np.random.default_rng(5)
+    noise = rng.normal(size=(7, 20, 1, 16, 16))
+    noise = (noise - noise.mean((1, 2, 3, 4), keepdims=True)) / noise.std((1, 2, 3, 4), keepdims=True)
+    theta = np.repeat(nodes, 20)
+    train = (noise * (0.01 * nodes**1.5)[:, None, None, None, None]).reshape(-1, 1, 16, 16)
+    held = np.array([[0.19], [0.25], [0.39]])
+    errs = {}
+    for log in (False, True):
+        mod = _module(names=("Omega_m",), cond_log=log, shift_degree=2)
+        t = np.log(theta) if log else theta
+        mod.fit_normalization(train, [t.mean()], [t.std()], params=theta[:, None])
+        _, _, sd = mod.glow.preprocess.statistics(mod.normalize_cond(held).double())
+        errs[log] = float(np.abs(sd[:, 0].numpy() / (0.01 * held[:, 0] ** 1.5) - 1).max())
+    assert errs[True] < 1e-6 and errs[False] > 2e-3, errs
+    expect = (np.log([0.25, 0.39]) - np.log(theta).mean()) / np.log(theta).std()
+    assert torch.allclose(mod.normalize_cond([[0.25], [0.39]])[:, 0], torch.tensor(expect, dtype=torch.float32))
+    with pytest.raises(ValueError, match="conditions on log θ and needs positive values"):
+        mod.normalize_cond([[0.0]])

@@ -102,6 +102,8 @@ def _cond(module: Any) -> dict[str, float] | None:
     if not module.param_names:
         return None
     mean = module.cond_mean.detach().cpu().numpy()
+    if module.cond_log:  # the mean of log θ: its exp, the geometric mean, is inside the training box too
+        mean = np.exp(mean)
     return {n: float(m) for n, m in zip(module.param_names, mean, strict=True)}
 
 

@@ -237,11 +237,17 @@ class KappaDataModule(L.LightningDataModule):
         """The conditioning params [N, P] (physical) of :meth:`normalization_maps`."""
         return self._params(self._normalization_idx())
 
-    def cond_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and std [P] of the conditioning parameters over the training split (std 1 where constant)."""
+    def cond_stats(self, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std [P] of the conditioning parameters (of their logs with ``log``) over the training split (std 1
+        where constant)."""
         p = self._params(self._split_idx["train"]).astype(np.float64)
         if p.shape[1] == 0:
             return np.zeros(0), np.ones(0)
+        if log:
+            if not (p > 0).all():
+                names = [n for n, ok in zip(self.param_names, (p > 0).all(axis=0), strict=True) if not ok]
+                raise ValueError(f"model.cond_log: conditioning parameters {names} in {self.path} are not all > 0")
+            p = np.log(p)
         mean, std = p.mean(axis=0), p.std(axis=0)
         return mean, np.where(std > 0, std, 1.0)
 

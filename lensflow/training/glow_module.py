@@ -112,6 +112,7 @@ class GlowModule(L.LightningModule):
         )
         self.automatic_optimization = False
         self.meta = meta
+        self.cond_log = settings.cond_log
         self.glow = Glow.from_config(glow_config, init_seed=int(seed))
         self.glow_ema = copy.deepcopy(self.glow)
         self.glow_ema.requires_grad_(False)
@@ -169,9 +170,9 @@ class GlowModule(L.LightningModule):
         cond_std: Sequence[float] | np.ndarray = (),
         params: np.ndarray | Tensor | None = None,
     ) -> None:
-        """Set the cond statistics [P] (physical), then the κ preprocessing (and the stationary layer's whitening)
-        from training maps [N, C, H, W] and their physical conditions ``params`` [N, P] (a conditional crop
-        Gaussian fits ξ(θ) on them)."""
+        """Set the cond statistics [P] (of the physical values, or of their logs with ``model.cond_log``), then the
+        κ preprocessing (and the stationary layer's whitening) from training maps [N, C, H, W] and their physical
+        conditions ``params`` [N, P] (a conditional crop Gaussian fits ξ(θ) on them)."""
         mean = torch.as_tensor(np.asarray(cond_mean, dtype=np.float64).reshape(-1))
         std = torch.as_tensor(np.asarray(cond_std, dtype=np.float64).reshape(-1))
         if mean.numel() != len(self.param_names) or std.numel() != len(self.param_names):
@@ -182,7 +183,9 @@ class GlowModule(L.LightningModule):
         self.cond_std.copy_(std)
         cond = None
         if self.param_names and params is not None:
-            cond = normalize_conditions(torch.as_tensor(np.asarray(params)), self.cond_mean, self.cond_std)
+            cond = normalize_conditions(
+                torch.as_tensor(np.asarray(params)), self.cond_mean, self.cond_std, log=self.cond_log
+            )
         self.glow.fit_preprocessing(maps, cond)
         self.glow_ema.preprocess.load_state_dict(self.glow.preprocess.state_dict())
         if self.glow.stationary is not None:
@@ -195,12 +198,12 @@ class GlowModule(L.LightningModule):
         :attr:`param_names`, or a dict ``{name: value or [n] values}`` (see :mod:`lensflow.conditioning`).
         """
         rows = condition_rows(cond, self.param_names, n)
-        return normalize_conditions(rows, self.cond_mean, self.cond_std)
+        return normalize_conditions(rows, self.cond_mean, self.cond_std, log=self.cond_log)
 
     def _batch_cond(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         if not self.param_names:
             return None
-        return normalize_conditions(batch["cond"], self.cond_mean, self.cond_std)
+        return normalize_conditions(batch["cond"], self.cond_mean, self.cond_std, log=self.cond_log)
 
     # -- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -72,7 +72,9 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     )
     ckpt_path = check_resume(req.ckpt_path, module) if req.ckpt_path else None
     if ckpt_path is None:
-        module.fit_normalization(dm.normalization_maps(), *dm.cond_stats(), params=dm.normalization_params())
+        module.fit_normalization(
+            dm.normalization_maps(), *dm.cond_stats(log=module.cond_log), params=dm.normalization_params()
+        )
     L.seed_everything(req.seed, workers=True, verbose=False)
     cbs = make_callbacks(req.callbacks, req.check, req.seed, req.run_dir, req.trainer.get("enable_progress_bar", True))
     req.run_dir.mkdir(parents=True, exist_ok=True)
