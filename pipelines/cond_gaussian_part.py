@@ -89,14 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--theta", action="append", default=None, help="Omega_m,sigma_8 (repeatable; default: five θ)")
     p.add_argument("--error-maps", type=int, default=0, help="maps per side for the per-bin C_ℓ / peak errors")
     a = p.parse_args(argv)
-    thetas = THETAS
-    if a.theta:
-        try:
-            thetas = [tuple(float(v) for v in t.split(",")) for t in a.theta]
-        except ValueError:
-            raise SystemExit(f"error: --theta: {a.theta} must be Omega_m,sigma_8 pairs such as 0.25,0.75") from None
-        if any(len(t) != 2 for t in thetas):
-            raise SystemExit(f"error: --theta: {a.theta} must be Omega_m,sigma_8 pairs such as 0.25,0.75")
+    from conditional import parse_theta
+
+    thetas = [parse_theta(t) for t in a.theta] if a.theta else THETAS
     emu = lensflow.load(a.ckpt, device="cpu")
     if emu.module.glow_ema.stationary is None:
         raise SystemExit("error: ckpt: this model has no stationary layer")
