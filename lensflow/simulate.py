@@ -53,6 +53,16 @@ _COMMON = ("backend", "kind", "cosmology", "z_source", "shift", "periodic", "non
 SIM_KEYS: dict[str, tuple[str, ...]] = {
     "flat": (*_COMMON, "pad"),
     "fullsky": (*_COMMON, "nside", "lmax", "shell_dx", "ncorr", "l_limber", "pixwin", "interpolation"),
+    "nbody": (
+        "backend", "kind", "cosmology", "z_source", "periodic", "box_size", "n_particles", "mesh_factor", "n_steps",
+        "z_init", "n_cuts", "plane_mesh", "n_boxes", "device",
+    ),
+}  # fmt: skip
+#: The kinds of map each backend makes.
+KINDS: dict[str, tuple[str, ...]] = {
+    "flat": ("gaussian", "lognormal"),
+    "fullsky": ("gaussian", "lognormal"),
+    "nbody": ("nbody",),
 }
 #: How :func:`ensure_simulated` writes a cached store when the spec does not say (a test keeps these equal to
 #: the values of ``conf/simulate.yaml``).
@@ -111,7 +121,8 @@ def _complete(spec: dict[str, Any]) -> dict[str, Any]:
         and {"fractions", "seed"} <= set(split)
     ):
         return spec
-    return _merge(_defaults("lognormal_fullsky" if backend == "fullsky" else "lognormal_flat"), spec)
+    base = {"fullsky": "lognormal_fullsky", "nbody": "nbody_flat"}.get(backend, "lognormal_flat")
+    return _merge(_defaults(base), spec)
 
 
 def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,6 +150,9 @@ def _normalize(c: dict[str, Any]) -> dict[str, Any]:
         sh = sim["shift"]
         sim["shift"] = [float(x) for x in sh] if isinstance(sh, (list, tuple)) else float(sh)
     c["pixel_arcmin"] = float(c["pixel_arcmin"])
+    for key in ("box_size", "z_init"):
+        if key in sim:
+            sim[key] = float(sim[key])
     if c.get("grid"):
         c["grid"] = {k: [float(x) for x in (v if isinstance(v, (list, tuple)) else [v])] for k, v in c["grid"].items()}
     else:
@@ -165,8 +179,10 @@ def _validate(c: dict[str, Any]) -> None:
         raise ValueError(
             f"sim has unknown keys {unknown} for backend {backend!r}; allowed are {list(SIM_KEYS[backend])}"
         )
-    if sim.get("kind") not in ("gaussian", "lognormal"):
-        raise ValueError(f"sim.kind must be 'gaussian' or 'lognormal', got {sim.get('kind')!r}")
+    if sim.get("kind") not in KINDS[backend]:
+        raise ValueError(
+            f"sim.kind must be one of {list(KINDS[backend])} for backend {backend!r}, got {sim.get('kind')!r}"
+        )
     check_cosmology(sim.get("cosmology") or {})
     parse_sources(sim.get("z_source"))
     check_int("n_maps", c["n_maps"])
@@ -175,8 +191,12 @@ def _validate(c: dict[str, Any]) -> None:
     pix = c["pixel_arcmin"]
     if isinstance(pix, bool) or not isinstance(pix, (int, float)) or not (math.isfinite(pix) and pix > 0):
         raise ValueError(f"pixel_arcmin must be a positive number, got {pix!r}")
-    if backend == "fullsky" and sim.get("periodic"):
-        raise ValueError("sim.periodic must be false for the fullsky backend (patches are not periodic)")
+    if backend in ("fullsky", "nbody") and sim.get("periodic"):
+        raise ValueError(f"sim.periodic must be false for the {backend} backend (its maps are not periodic)")
+    if backend == "nbody":
+        check_int("sim.n_boxes", sim.get("n_boxes"), 1)
+        if sim["n_boxes"] > c["n_maps"]:
+            raise ValueError(f"sim.n_boxes ({sim['n_boxes']}) must not exceed n_maps ({c['n_maps']})")
     if c.get("grid_mode") not in ("product", "zip"):
         raise ValueError(f"grid_mode must be 'product' or 'zip', got {c.get('grid_mode')!r}")
     split = c.get("split")
@@ -307,6 +327,23 @@ def _store_meta(job: SimulationJob, points: list[tuple[tuple[float, ...], dict[s
 
 
 def _simulator(sim: Mapping[str, Any], cosmo: dict[str, Any], npix: int, pixel_arcmin: float) -> Any:
+    if sim["backend"] == "nbody":
+        from lensflow.sims.nbody import NBodySimulator
+
+        return NBodySimulator(
+            npix,
+            pixel_arcmin,
+            cosmo,
+            sim["z_source"],
+            box_size=float(sim["box_size"]),
+            n_particles=sim["n_particles"],
+            mesh_factor=sim["mesh_factor"],
+            n_steps=sim["n_steps"],
+            z_init=float(sim["z_init"]),
+            n_cuts=sim["n_cuts"],
+            plane_mesh=sim["plane_mesh"],
+            device=str(sim["device"]),
+        )
     if sim["backend"] == "flat":
         from lensflow.sims.flat import FlatSimulator
 
@@ -344,6 +381,8 @@ def _write_point(
     """Every map of one grid point into ``writer``; returns the next realization id."""
     c = job.spec
     n_maps, batch = int(c["n_maps"]), job.batch_size
+    if c["sim"]["backend"] == "nbody":
+        return _write_boxes(job, writer, bar, simulator, stream, params, rid)
     if c["sim"]["backend"] == "flat":
         for lo in range(0, n_maps, batch):
             b = min(batch, n_maps - lo)
@@ -369,6 +408,48 @@ def _write_point(
         rid += 1
         bar.update(b)
     return rid
+
+
+def box_splits(n_boxes: int, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Split codes (0 train, 1 val, 2 test) per box: a seeded shuffle of the boxes cut at the fractions.
+
+    Each split with a positive fraction gets at least one box when there are enough boxes, so a held-out split
+    never comes out empty by chance (hashing few ids, as :func:`lensflow.mapstore.assign_splits` does, can).
+    """
+    counts = [int(round(f * n_boxes)) for f in fractions[1:]]
+    for i, f in enumerate(fractions[1:]):
+        if f > 0 and counts[i] == 0 and n_boxes >= 3:
+            counts[i] = 1
+    n_train = n_boxes - sum(counts)
+    codes = np.repeat(np.arange(3), [n_train, *counts])
+    return codes[np.random.default_rng(seed).permutation(n_boxes)]
+
+
+def _write_boxes(
+    job: SimulationJob, writer: MapStoreWriter, bar: Any, simulator: Any, stream: Any, params: Any, rid: int
+) -> int:
+    """Every map of one grid point from its N-body boxes; a box's maps share its realization id and split."""
+    c = job.spec
+    n_maps, n_boxes = int(c["n_maps"]), int(c["sim"]["n_boxes"])
+    split = c["split"]
+    codes = box_splits(n_boxes, tuple(split["fractions"]), int(split["seed"]))
+    for b in range(n_boxes):
+        bar.set_postfix_str(f"box {b + 1}/{n_boxes}: PM run")
+        planes = simulator.box_planes(stream, b)
+        bar.set_postfix_str(f"box {b + 1}/{n_boxes}: maps")
+        idx = simulator.box_range(b, n_maps, n_boxes)
+        for lo in range(idx.start, idx.stop, job.batch_size):
+            ids = range(lo, min(idx.stop, lo + job.batch_size))
+            maps = simulator.maps(planes, stream, ids)
+            k = len(ids)
+            writer.append(
+                maps,
+                None if params is None else np.repeat(params, k, axis=0),
+                realization=np.full(k, rid + b),
+                split=np.full(k, codes[b]),
+            )
+            bar.update(k)
+    return rid + n_boxes
 
 
 def simulate(cfg: SimulationJob | Mapping[str, Any]) -> Path:

@@ -1,0 +1,13 @@
+"""Particle-mesh N-body light cones and their κ maps (torch; numba kernels on CPU).
+
+* :mod:`.background` -- E(a), distances, D₁, D₂ and FastPM's growth-corrected kick/drift factors;
+* :mod:`.mesh` -- cloud-in-cell painting/readout and the force's Fourier kernels;
+* :mod:`.ic` -- Gaussian linear field from pyccl's P(k) and 2LPT displacements;
+* :mod:`.pm` -- PM forces and the kick-drift-kick loop;
+* :mod:`.lightcone` -- lens-plane geometry, slab projection and Born κ maps;
+* :class:`.NBodySimulator` -- boxes → planes → many randomized maps per box.
+"""
+
+from lensflow.sims.nbody.simulator import NBodySimulator
+
+__all__ = ["NBodySimulator"]
