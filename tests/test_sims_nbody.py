@@ -16,8 +16,7 @@ import pytest
 import torch
 from helpers.cosmology import PLANCK18_MASSLESS as COSMO
 
-from lensflow.sims.nbody import NBodySimulator
-from lensflow.sims.nbody import _cic_cpu
+from lensflow.sims.nbody import NBodySimulator, _cic_cpu
 from lensflow.sims.nbody.background import background
 from lensflow.sims.nbody.ic import initial_state, linear_field
 from lensflow.sims.nbody.lightcone import plane_geometry
@@ -111,7 +110,9 @@ def test_plane_weights_reproduce_pyccl_limber(bg):
     ell = np.array([100.0, 500.0, 2000.0])
     th = convergence_cl(ell, COSMO, [1.0, 0.6])
     for c in range(2):
-        pk = np.array([ccl.nonlin_matter_power(cn, ell / chi * H, a) * H**3 for chi, a in zip(geo.chi, geo.a, strict=True)])
+        pk = np.array(
+            [ccl.nonlin_matter_power(cn, ell / chi * H, a) * H**3 for chi, a in zip(geo.chi, geo.a, strict=True)]
+        )
         limber = np.sum(geo.weights[c][:, None] ** 2 * geo.thickness / geo.chi[:, None] ** 2 * pk, axis=0)
         np.testing.assert_allclose(limber, th[c, c], rtol=0.01)
 
