@@ -157,15 +157,12 @@ def command_section(name: str, conf_dir: Path) -> list[str]:
     defaults = GlobalHydra.instance().config_loader().compute_defaults_list(name, [], RunMode.RUN).defaults
     comments: dict[str, str] = {}
     sources: dict[str, str] = {}
-    header = ""
     for d in defaults:
         package = d.package or ""
         if d.config_path is None or package == "hydra" or package.startswith("hydra."):
             continue
         path = conf_dir / f"{d.config_path}.yaml"
-        file_header, file_comments = parse_comments(path)
-        if d.primary:
-            header = file_header
+        _, file_comments = parse_comments(path)
         rel = f"conf/{d.config_path}.yaml"
         for key in _file_keys(path):
             sources[f"{package}.{key}" if package else key] = rel
@@ -181,8 +178,9 @@ def command_section(name: str, conf_dir: Path) -> list[str]:
         default = "" if section else _code(_fmt(value))
         rows.append((key, default, _code(sources.get(key, "—")), comments.get(key, "")))
     lines = [f"### `{name}`", "", f"`python -m lensflow.{name} [key=value ...]`, root config `conf/{name}.yaml`.", ""]
-    if header:
-        lines += ["```text", *_header_lines(conf_dir / f"{name}.yaml"), "```", ""]
+    usage = _header_lines(conf_dir / f"{name}.yaml")
+    if usage:
+        lines += ["```text", *usage, "```", ""]
     lines += _table(rows, with_source=True)
     return lines + [""]
 
