@@ -1,14 +1,14 @@
 """The FITS convention for flat convergence maps: one place for writing (mocks) and reading (ingest).
 
 A file holds one map: a 2-D image ``[H, W]`` (one channel) or a 3-D cube ``[C, H, W]`` (tomographic
-channels) in the first HDU with image data. Maps are square. The header carries:
+channels) in the first HDU with image data. Maps are square. The header carries::
 
-``ANGLE``        side of the map in degrees (the Columbia lensing / MassiveNuS / LensTools convention);
-``CTYPE1/2``     ``RA---TAN`` / ``DEC--TAN`` gnomonic WCS about ``CRVAL1/2`` (deg), ``CRPIX1/2 = (N+1)/2``,
-                 ``CDELT1 = -Δ``, ``CDELT2 = +Δ`` (deg; north up, east left), ``LONPOLE = 180``. This is
-                 exactly the geometry of :func:`lensflow.sims.patches.cut_patches`.
-``Z_SOURCE``     source redshift of a one-channel map; ``ZSRC1 .. ZSRCn`` for a cube (absent for n(z) bins);
-parameters       cosmology and other per-map parameters, see :data:`PARAM_KEYS` (``H0`` in km/s/Mpc holds h).
+    ``ANGLE``        side of the map in degrees (the Columbia lensing / MassiveNuS / LensTools convention);
+    ``CTYPE1/2``     ``RA---TAN`` / ``DEC--TAN`` gnomonic WCS about ``CRVAL1/2`` (deg), ``CRPIX1/2 = (N+1)/2``,
+                     ``CDELT1 = -Δ``, ``CDELT2 = +Δ`` (deg; north up, east left), ``LONPOLE = 180``. This is
+                     exactly the geometry of :func:`lensflow.sims.patches.cut_patches`.
+    ``Z_SOURCE``     source redshift of a one-channel map; ``ZSRC1 .. ZSRCn`` for a cube (absent for n(z) bins);
+    parameters       cosmology and other per-map parameters, see :data:`PARAM_KEYS` (``H0`` in km/s/Mpc holds h).
 
 Reading accepts more: the pixel scale from ``ANGLE`` or, failing that, WCS ``CDELT1/2`` or a ``CD``
 matrix (``CUNIT`` deg, arcmin, arcsec or rad); parameters under the common aliases in

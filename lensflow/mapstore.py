@@ -4,14 +4,16 @@ This module is the only code in lensflow that reads or writes map stores.
 
 Schema (``schema_version`` 1)
 -----------------------------
-``/kappa``        float32 ``[N, C, H, W]`` convergence κ (dimensionless), ``H == W``;
-                  chunked one map per chunk, optionally compressed (gzip or lzf).
-``/params``       float32 ``[N, P]`` parameters per map (e.g. Omega_m, sigma_8); ``P`` may be 0.
-                  Attr ``param_names``: JSON list of ``P`` names.
-``/split``        uint8 ``[N]``: 0 = train, 1 = val, 2 = test. Attr ``names``.
-``/realization``  int64 ``[N]``: id of the independent realization a map comes from. Patches cut
-                  from one full-sky map share an id, and the split is assigned per id, so train,
-                  val and test never share a realization.
+::
+
+    ``/kappa``        float32 ``[N, C, H, W]`` convergence κ (dimensionless), ``H == W``;
+                      chunked one map per chunk, optionally compressed (gzip or lzf).
+    ``/params``       float32 ``[N, P]`` parameters per map (e.g. Omega_m, sigma_8); ``P`` may be 0.
+                      Attr ``param_names``: JSON list of ``P`` names.
+    ``/split``        uint8 ``[N]``: 0 = train, 1 = val, 2 = test. Attr ``names``.
+    ``/realization``  int64 ``[N]``: id of the independent realization a map comes from. Patches cut
+                      from one full-sky map share an id, and the split is assigned per id, so train,
+                      val and test never share a realization.
 
 Root attributes: ``schema_version`` (int), ``kind`` (``simulation`` | ``mock``), ``pixel_arcmin``
 (float, pixel side in arcmin), ``source_redshifts`` (float array, one per channel; NaN where a

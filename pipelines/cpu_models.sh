@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU emulators end to end, as the README and docs/emulator-design.md report them:
+# The CPU emulators end to end, as docs/results.md and docs/emulator-design.md report them:
 #   train kappa_quick and kappa_cpu -> generate mocks at T = 1 -> simulate held-out maps with a fresh seed ->
 #   lensflow.validate (every default statistic, permutation-calibrated verdict, omnibus test, field-level KL gap).
 # Usage: pipelines/cpu_models.sh [OUT_DIR] [quick|cpu|both]     (about 20 minutes for both on 2 idle cores)

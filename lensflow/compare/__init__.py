@@ -83,7 +83,7 @@ correlations (:mod:`lensflow.compare.permutation`); the spread criterion runs on
 pooled median. Two report-level gates test the joint summary vector: its correlation matrix against the noise
 floor (one more member of the correlation family), and the energy-distance omnibus test with a permutation
 p-value (``omnibus_sigma``, :mod:`lensflow.compare.omnibus`), which catches differences no single bin shows.
-The measured false-alarm rates and power are in the README (``python -m lensflow.bench validate``).
+The measured false-alarm rates and power are in docs/validation.md (``python -m lensflow.bench validate``).
 
 Memorisation (pixel level)
 --------------------------

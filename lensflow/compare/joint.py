@@ -41,7 +41,7 @@ def compare(
         seed: seed of the permutations (the verdict is reproducible for a given seed).
 
     Returns:
-        ``{"pass": bool, "n_reference", "n_candidate", "tolerances": {...}, "statistics": {name:
+        dict: ``{"pass": bool, "n_reference", "n_candidate", "tolerances": {...}, "statistics": {name:
         compare_statistic(...)}, "calibration": {...} or None, "omnibus": {...}, "failures": [...]}``.
     """
     tol = Tolerances.from_mapping(tolerances)

@@ -65,8 +65,8 @@ def energy_test(
         max_maps: at most this many maps per set enter (random subsets); ``None`` = all.
 
     Returns:
-        ``{"statistic": n_r n_c/(n_r+n_c) · E, "energy": E, "pvalue", "permutations", "n_reference", "n_candidate",
-        "features"}`` (E in units of the standardised features).
+        dict: ``{"statistic": n_r n_c/(n_r+n_c) · E, "energy": E, "pvalue", "permutations", "n_reference",
+        "n_candidate", "features"}`` (E in units of the standardised features).
     """
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
         raise ValueError(f"tolerances.permutations must be an integer >= 1, got {permutations!r}")

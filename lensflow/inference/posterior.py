@@ -52,7 +52,7 @@ class ParameterGrid:
         return np.stack([m.reshape(-1) for m in mesh], axis=1)
 
     def weights(self) -> np.ndarray:
-        """Trapezoid quadrature weights [*shape] (sum = box volume)."""
+        """Trapezoid quadrature weights ``[*shape]`` (sum = box volume)."""
         w = np.ones(self.shape)
         for d, ax in enumerate(self.axes):
             wd = np.full(ax.size, ax[1] - ax[0])
@@ -91,7 +91,7 @@ class GridPosterior:
 
     Args:
         grid: the grid (its box is the uniform prior's support).
-        log_like: log-likelihood [*grid.shape], nats (any additive constant).
+        log_like: log-likelihood ``[*grid.shape]``, nats (any additive constant).
     """
 
     def __init__(self, grid: ParameterGrid, log_like: np.ndarray) -> None:

@@ -7,7 +7,8 @@
     python -m lensflow.pipeline +experiment=kappa_quick --force train          # retrain (later stages follow)
     python -m lensflow.pipeline +experiment=kappa_quick --dry-run              # say what would run, run nothing
 
-(``python pipelines/run.py ...`` is the same command.) Arguments:
+(``python pipelines/run.py ...`` is the same command.) Arguments::
+
     ``generate.KEY=VALUE``   override of ``conf/generate.yaml`` for the generate stage (``generate.cond.*``
                              for conditions; by default the mocks match the reference test split: as
                              many maps, and for a conditional model its parameter sets);

@@ -28,7 +28,7 @@ _CACHE = 4
 def flat_simulator(
     sim: Mapping[str, Any], cosmology: Mapping[str, Any], npix: int, pixel_arcmin: float
 ) -> FlatSimulator:
-    """The :class:`FlatSimulator` a resolved ``sim`` node (conf/sim/*_flat.yaml keys) describes at ``cosmology``."""
+    """The :class:`FlatSimulator` a resolved ``sim`` node (``conf/sim/*_flat.yaml`` keys) describes at ``cosmology``."""
     return FlatSimulator(
         int(npix),
         float(pixel_arcmin),

@@ -108,7 +108,7 @@ def _measure(vc: ValidationConfig, ref: MapStore, cand: MapStore, warnings: list
     return Measured(sc, stats, idx, result, mem, inputs, samples, ref.channels, ref.npix, seconds, field)
 
 
-#: Below this many maps per set the default verdict detects only large departures (README: detection table).
+#: Below this many maps per set the default verdict detects only large departures (docs/validation.md: detection table).
 LOW_POWER_MAPS = 200
 
 
