@@ -153,3 +153,20 @@ def test_bench_validate_rows_are_failure_fractions_with_wilson_intervals():
         assert 0 <= r["ci95_low"] <= r["value"] <= r["ci95_high"] <= 1
     with pytest.raises(ValueError, match="unknown departure 'sigma_8\\+7%'"):
         bv.run({**cfg, "departures": ["gaussian", "sigma_8+7%"]})
+
+
+def test_bench_pm_rows_time_the_step_and_a_whole_box():
+    from lensflow.bench import pm
+
+    assert set(pm.KEYS) | {"suite"} == set(_suite("pm"))
+    cfg = {
+        **{k: v for k, v in _suite("pm").items() if k != "suite"},
+        "n_particles": [8],
+        "box_runs": [],
+        "steps": 2,
+        "devices": ["cpu"],
+    }
+    rows = pm.run(cfg)
+    assert [r["benchmark"] for r in rows] == ["pm/step"]
+    assert rows[0]["value"] > 0 and rows[0]["unit"] == "steps/s"
+    assert (rows[0]["ratio"] is None) == (pm.jaxpm_step(pm._initial(4, 8, 0), 8) is None)

@@ -147,3 +147,32 @@ def test_bad_geometry_is_one_line(kw, needle):
     with pytest.raises(ValueError, match=needle) as e:
         _small(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_store_splits_by_box_and_records_box_ids(tmp_path):
+    from lensflow.mapstore import open_store
+    from lensflow.simulate import box_splits, simulate
+
+    out = tmp_path / "nb.h5"
+    cfg = {
+        "sim": {"backend": "nbody", "kind": "nbody", "n_boxes": 5, "n_particles": 16, "plane_mesh": 32, "n_steps": 3},
+        "n_maps": 23,
+        "npix": 8,
+        "pixel_arcmin": 16.0,
+        "out": str(out),
+        "progress": False,
+        "batch_size": 4,
+    }
+    cfg["sim"]["cosmology"] = dict(COSMO)
+    cfg["sim"]["box_size"] = 160.0
+    simulate(cfg)
+    st = open_store(out)
+    rid, split = st.read_realization(), st.split
+    assert sorted(set(rid.tolist())) == [0, 1, 2, 3, 4]
+    for b in range(5):  # one split per box, boxes of 4 or 5 contiguous maps
+        assert len(set(split[rid == b].tolist())) == 1
+        assert np.ptp(np.flatnonzero(rid == b)) == (rid == b).sum() - 1
+    assert set(split.tolist()) == {0, 1, 2}  # 5 boxes still give a val and a test box
+    assert st.meta.extra["backend"] == "nbody"
+    codes = box_splits(16, (0.8, 0.1, 0.1), 0)
+    assert np.bincount(codes, minlength=3).tolist() == [12, 2, 2]
