@@ -28,6 +28,7 @@ GROUND = [
     "lensflow.provenance",
     "lensflow.checkpoint",
     "lensflow.conditioning",
+    "lensflow.model",
     "lensflow.report",
     "lensflow.ingest_files",
 ]

@@ -141,9 +141,9 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     fiducial = _simulator(npix, pix)
     emulator = None
     if c.get("emulator"):
-        import lensflow
+        from lensflow.emulator import Emulator
 
-        emulator = lensflow.load(c["emulator"], device="cpu")
+        emulator = Emulator.load(c["emulator"], device="cpu")
     rows = []
     for n in c["sizes"]:
         t0 = time.time()

@@ -19,6 +19,7 @@ from lensflow.conditioning import condition_grid
 from lensflow.generation import job as job_mod
 from lensflow.generation.job import GenerationRequest, Plan
 from lensflow.generation.workers import Work, run_batches
+from lensflow.model import KappaFlow
 
 __all__ = ["generate"]
 
@@ -32,12 +33,10 @@ def generate(cfg: Any) -> Path:
         cfg: the composed ``generate`` config (``conf/generate.yaml``), a mapping of its keys, or a
             :class:`~lensflow.generation.job.GenerationRequest`.
     """
-    from lensflow.training.glow_module import GlowModule
-
     request = cfg if isinstance(cfg, GenerationRequest) else GenerationRequest.from_config(cfg)
     device = resolve_devices(request.devices, request.accelerator)
     ckpt, sha256 = read_checkpoint_hashed(request.ckpt)  # one-line ValueError for foreign files
-    module = GlowModule.from_checkpoint(ckpt, request.ckpt)
+    module = KappaFlow.from_checkpoint(ckpt, request.ckpt)
     plan = Plan.of(request, sha256, module.param_names, condition_grid(request.cond, module.param_names))
     if job_mod.out_exists(plan.out) and not request.overwrite:
         if job_mod.already_complete(plan, request.format):

@@ -220,7 +220,7 @@ class SampleCheck(L.Callback):
             self._ref = dm.eval_maps("val", self.check.n_samples)
         tag = f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}"
         res = sample_check(
-            pl_module,
+            pl_module.model,
             *self._ref,
             check=self.check,
             seed=self.seed + trainer.current_epoch,

@@ -25,6 +25,7 @@ from lensflow._util.atomic import write_json
 from lensflow._util.plain import to_plain
 from lensflow.checkpoint import MODEL_KIND, read_checkpoint, training_maps
 from lensflow.mapstore import write_store
+from lensflow.model import KappaFlow
 from lensflow.provenance import provenance
 from lensflow.training.callbacks import Callbacks, make_callbacks
 from lensflow.training.checks import full_verdict, sample_check
@@ -72,8 +73,11 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     )
     ckpt_path = check_resume(req.ckpt_path, module) if req.ckpt_path else None
     if ckpt_path is None:
-        module.fit_normalization(
-            dm.normalization_maps(), *dm.cond_stats(log=module.cond_log), params=dm.normalization_params()
+        module.model.fit_normalization(
+            dm.normalization_maps(),
+            *dm.cond_stats(log=module.model.cond_log),
+            params=dm.normalization_params(),
+            box=dm.cond_box(),
         )
     L.seed_everything(req.seed, workers=True, verbose=False)
     cbs = make_callbacks(req.callbacks, req.check, req.seed, req.run_dir, req.trainer.get("enable_progress_bar", True))
@@ -161,7 +165,7 @@ def _final_check(
 ) -> dict[str, Any]:
     """The sample check of checkpoint ``src`` (its samples go to ``<run_dir>/samples.h5``), validate's full
     default verdict on the same samples, and the checkpoint's KL gaps when the store has an exact likelihood."""
-    model = GlowModule.load(src, "cpu").to(device)
+    model = KappaFlow.load(src, device)
     ref, ref_params = dm.eval_maps("val", req.check.n_samples)
     res = sample_check(
         model,
@@ -189,7 +193,7 @@ def _final_check(
 
 
 def write_samples(
-    path: Path, samples: np.ndarray, params: np.ndarray, module: GlowModule, ckpt: Path, config: Mapping[str, Any]
+    path: Path, samples: np.ndarray, params: np.ndarray, module: KappaFlow, ckpt: Path, config: Mapping[str, Any]
 ) -> Path:
     """The finite ``samples`` as a mock map store (test split), conditions and provenance included."""
     good = np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)
