@@ -2,13 +2,14 @@
 
 A checkpoint is a Lightning checkpoint of plain data, so ``torch.load(path, weights_only=True)`` reads it:
 
-* ``state_dict``: ``glow.*`` (raw weights, which the optimizer state belongs to), ``glow_ema.*`` (the EMA
-  weights used for sampling), ``cond_mean``/``cond_std`` (physical units, or of ln θ with ``model.cond_log``) and
-  ``ema_steps``;
+* ``state_dict``: ``model.*``, the :class:`lensflow.model.KappaFlow` (``model.glow.*``: raw weights, which the
+  optimizer state belongs to; ``model.glow_ema.*``: the EMA weights used for sampling; ``model.cond_mean``/
+  ``model.cond_std``: physical units, or of ln θ with ``model.cond_log``; ``model.cond_low``/``model.cond_high``:
+  the training box), and ``ema_steps``. lensflow 0.1 wrote the model's entries without the ``model.`` prefix
+  (and without the box); :meth:`lensflow.model.KappaFlow.from_checkpoint` reads both. An export
+  (:meth:`lensflow.model.KappaFlow.save`) holds the model's entries without prefix and no optimizer state;
 * ``hyper_parameters``: plain dicts ``model, meta, npix, store, param_names, optim, check, seed, config``,
-  where ``meta`` is the training store's :meth:`lensflow.mapstore.StoreMeta.to_dict`. Older checkpoints
-  (lensflow 0.1 before the training/generation split) hold a ``map_meta`` dict instead of
-  ``meta/npix/store``; :func:`training_maps` reads both;
+  where ``meta`` is the training store's :meth:`lensflow.mapstore.StoreMeta.to_dict`;
 * ``"lensflow"``: format version, model kind ``"glow"``, the resolved run config, the training data
   (store path, metadata, map side, parameter names) and a provenance record;
 * ``"lensflow_counters"``: the non-finite step counters of the run.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -90,36 +90,13 @@ def lensflow_entry(
 
 
 def training_maps(hparams: Mapping[str, Any]) -> tuple[StoreMeta, int, str | None]:
-    """``(meta, npix, store)`` of the training maps from a checkpoint's hyperparameters (either format)."""
-    if hparams.get("map_meta") is not None and hparams.get("meta") is None:
-        return legacy_maps(hparams["map_meta"])
+    """``(meta, npix, store)`` of the training maps from a checkpoint's hyperparameters."""
     meta = hparams.get("meta")
     if meta is None or hparams.get("npix") is None:
-        raise ValueError("hyper_parameters: no training-map metadata (meta/npix, or map_meta)")
+        raise ValueError("hyper_parameters: no training-map metadata (meta/npix)")
     meta = meta if isinstance(meta, StoreMeta) else StoreMeta.from_dict(meta)
     store = hparams.get("store")
     return meta, int(hparams["npix"]), None if store is None else str(store)
-
-
-def legacy_maps(map_meta: Mapping[str, Any]) -> tuple[StoreMeta, int, str | None]:
-    """``(meta, npix, store)`` from the ``map_meta`` dict of older checkpoints (see the module docstring)."""
-    mm = dict(map_meta)
-    for key in ("channels", "npix", "pixel_arcmin"):
-        if key not in mm:
-            raise ValueError(f"map_meta: missing {key!r}")
-    channels = int(mm["channels"])
-    zs = mm.get("source_redshifts")
-    zs = [math.nan] * channels if zs is None else [math.nan if z is None else float(z) for z in zs]
-    if len(zs) != channels:
-        raise ValueError(f"map_meta: {len(zs)} source_redshifts for {channels} channels")
-    meta = StoreMeta(
-        pixel_arcmin=float(mm["pixel_arcmin"]),
-        source_redshifts=tuple(zs),
-        periodic=bool(mm.get("periodic", False)),
-        kind=str(mm.get("kind") or "simulation"),
-    )
-    store = mm.get("store")
-    return meta, int(mm["npix"]), None if store is None else str(store)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False) -> dict[str, Any]:
