@@ -22,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickletools
+import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,8 +133,41 @@ def _load(src: Any, p: Path, map_location: Any, mmap: bool = False) -> Any:
     try:
         return torch.load(src, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling/format problem is a bad file to the user
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise ValueError(f"{p}: not a readable lensflow checkpoint ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{p}: {_why_unreadable(e, src)}") from None
+
+
+def _why_unreadable(e: BaseException, src: Any) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in words for the user: a file that holds code or objects (which
+    lensflow never unpickles) or a damaged one. torch's own advice (to load with ``weights_only=False``) is never
+    repeated: that runs whatever code the file holds."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the zip format's pickle names a blocked global
+    names = [found.group(1)] if found else _pickle_globals(src)
+    if names:
+        return (
+            f"contains objects lensflow will not unpickle ({', '.join(names[:3])}); a lensflow checkpoint holds "
+            "plain data only (tensors, numbers, strings), so this file was not written by lensflow, or was altered"
+        )
+    return f"not a checkpoint (corrupt or truncated: {type(e).__name__} while reading it)"
+
+
+def _pickle_globals(src: Any) -> list[str]:
+    """The classes/functions a plain (non-zip) pickle file refers to; ``[]`` when it is not a complete pickle. The
+    opcodes are only listed, nothing is executed."""
+    try:
+        data = src.getvalue() if isinstance(src, io.BytesIO) else Path(src).read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            return []
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+    except Exception:  # noqa: BLE001 - not a pickle: the caller reports a damaged file
+        return []
 
 
 def _checked(ckpt: Any, p: Path) -> dict[str, Any]:

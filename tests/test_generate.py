@@ -377,7 +377,13 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, run_c
         "missing checkpoint": ([f"ckpt={tmp_path / 'nope.ckpt'}"], "checkpoint not found"),
         "no checkpoint": ([], "ckpt: no checkpoint"),
         "foreign checkpoint": ([f"ckpt={foreign}"], "not a lensflow checkpoint"),
-        "map store as checkpoint": ([f"ckpt={ckpts['cond'].with_suffix('.h5')}"], "not a readable lensflow"),
+        "map store as checkpoint": ([f"ckpt={ckpts['cond'].with_suffix('.h5')}"], "not a checkpoint (corrupt or"),
+        # issue 27.10: outside the training box the emulator extrapolates; far outside the crop Gaussian failed
+        "condition outside the box": (
+            [f"ckpt={cc}", "cond.Omega_m=[0.3,0.5]", "cond.sigma_8=0.8"],
+            "cond.Omega_m=0.5 is outside the emulator's training box [0.25, 0.35]",
+        ),
+        "condition far outside": ([f"ckpt={cc}", "cond.Omega_m=0.3", "cond.sigma_8=9"], "allow_extrapolation=true"),
         "n_maps=0": ([f"ckpt={uc}", "n_maps=0"], "n_maps must be an integer >= 1"),
         "n_maps<0": ([f"ckpt={uc}", "n_maps=-3"], "n_maps must be an integer >= 1"),
         "temperature=0": ([f"ckpt={uc}", "temperature=0"], "temperature must be a positive number"),
@@ -575,3 +581,26 @@ def test_the_checkpoint_is_read_once_per_job(tmp_path, ckpts, monkeypatch):
         compose("generate", *ON_CPU, ckpt=str(ckpts["uncond"]), n_maps=5, batch_size=2, out=str(tmp_path / "m.h5"))
     )
     assert len(calls) == 1  # loaded (and hashed, from the same bytes) once for all three batches
+
+
+def test_extrapolation_is_refused_unless_asked_for_and_then_recorded(tmp_path, ckpts):
+    """Issue 27.10: a θ outside the training box is refused in one line (parameter, value, box) before any file is
+    made; ``allow_extrapolation`` draws there and the output's metadata says so."""
+    ck = ckpts["cond"]
+    emu = lensflow.load(ck, device="cpu")
+    assert emu.training_box.as_dict() == {"Omega_m": (0.25, 0.35), "sigma_8": (0.75, 0.85)}
+    with pytest.raises(ValueError, match=r"cond.sigma_8=0.9 is outside the emulator's training box \[0.75, 0.85\]"):
+        emu.sample(2, cond={"Omega_m": 0.3, "sigma_8": 0.9})
+    with pytest.raises(ValueError, match="outside the emulator's training box"):
+        emu.model.sample(2, cond=[0.3, 0.9])
+    edge = emu.sample(1, cond={"Omega_m": 0.35, "sigma_8": 0.85})  # the box's corner is inside (float32 /params)
+    assert np.isfinite(edge).all()
+    maps = emu.sample(2, cond={"Omega_m": 0.3, "sigma_8": 0.9}, allow_extrapolation=True)
+    cfg = dict(ckpt=str(ck), n_maps=2, out=str(tmp_path / "x.h5"), cond={"Omega_m": 0.3, "sigma_8": 0.9})
+    with pytest.raises(ValueError, match="allow_extrapolation=true"):
+        generate(compose("generate", *ON_CPU, **cfg))
+    assert _left(tmp_path) == []  # no output, no <out>.parts/
+    out = generate(compose("generate", *ON_CPU, **cfg, allow_extrapolation=True))
+    st = open_store(out)
+    np.testing.assert_array_equal(st.read(), maps)
+    assert st.meta.extra["allow_extrapolation"] is True and st.meta.created_by["config"]["allow_extrapolation"]

@@ -4,6 +4,8 @@ LR schedule, checkpoints of every release and exports, sample checks."""
 from __future__ import annotations
 
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,7 +185,7 @@ def test_loading_rejects_other_files(tmp_path, trained):
     with pytest.raises(ValueError, match="not found"):
         KappaFlow.load(tmp_path / "missing.ckpt")
     (tmp_path / "text.ckpt").write_text("hello")
-    with pytest.raises(ValueError, match="not a readable lensflow checkpoint"):
+    with pytest.raises(ValueError, match=r"not a checkpoint \(corrupt or truncated"):
         KappaFlow.load(tmp_path / "text.ckpt")
     torch.save({"state_dict": {}, "epoch": 1}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a lensflow checkpoint"):
@@ -442,3 +444,96 @@ def test_the_export_command_writes_the_model_and_refuses_bad_input(trained, tmp_
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
     assert main([f"ckpt={path}", f"out={out}", "overwrite=true"]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 27: log_prob outside the support, bad maps, bad conditions, damaged or hostile files
+# --------------------------------------------------------------------------------------------
+
+
+def test_log_prob_is_minus_infinity_outside_the_support_and_refuses_nonfinite_maps():
+    """27.11: a pixel at or below the shifted log's floor -λ has density 0 (it was a finite value: the
+    preprocessing clamps it); NaN/Inf pixels are an error in one line (they gave NaN)."""
+    from lensflow.emulator import Emulator
+
+    rng = np.random.default_rng(1)
+    train = np.exp(rng.normal(-3.0, 0.3, size=(64, 1, 16, 16))) - 0.05
+    flow = _module(log_shift=True)
+    flow.fit_normalization(train)
+    lam = float(flow.glow_ema.preprocess.shift[0])
+    x = torch.as_tensor(train[:3], dtype=torch.float32).clone()
+    x[1, 0, 4, 4] = -1.0  # below -λ
+    x[2, 0, 0, 0] = -lam  # on the floor
+    lp = flow.log_prob(x)
+    assert np.isfinite(lp[0].item()) and lp[1].item() == -math.inf and lp[2].item() == -math.inf
+    emu = Emulator(flow, "cpu")
+    np.testing.assert_array_equal(emu.log_prob(x.numpy()), lp.double().numpy())
+    for bad in (np.nan, np.inf):
+        y = x.numpy().copy()
+        y[2, 0, 1, 1] = bad
+        for call in (lambda y=y: emu.log_prob(y), lambda y=y: flow.log_prob(torch.as_tensor(y))):
+            with pytest.raises(ValueError, match=r"1 map\(s\) have NaN or Inf pixels \(first: map 2\)") as e:
+                call()
+            assert "\n" not in str(e.value)
+
+
+def test_log_prob_reports_the_shape_that_was_passed():
+    """27.12: a [4, 16, 16] array (no channel axis) was reported as (1, 4, 16, 16)."""
+    from lensflow.emulator import Emulator
+
+    flow = _module()
+    flow.fit_normalization(np.random.default_rng(0).normal(size=(8, 1, 16, 16)))
+    emu = Emulator(flow, "cpu")
+    for shape in ((4, 16, 16), (2, 1, 8, 8), (16, 16)):
+        with pytest.raises(ValueError, match=r"maps must have shape \[n, 1, 16, 16\], got " + re.escape(str(shape))):
+            emu.log_prob(np.zeros(shape))
+    assert emu.log_prob(np.zeros((1, 16, 16))).shape == (1,)  # one map [C, H, W] is still fine
+
+
+def test_a_condition_that_is_not_a_number_is_named():
+    """27.15: cond={"Omega_m": "abc", ...} failed with numpy's "could not convert string to float: 'abc'"."""
+    from lensflow.emulator import Emulator
+
+    flow = _module(names=("Omega_m", "sigma_8"))
+    flow.fit_normalization(np.random.default_rng(3).normal(size=(8, 1, 16, 16)), [0.3, 0.8], [0.05, 0.1])
+    emu = Emulator(flow, "cpu")
+    x = np.zeros((2, 1, 16, 16))
+    for call in (
+        lambda: emu.sample(2, cond={"Omega_m": "abc", "sigma_8": 0.8}),
+        lambda: emu.log_prob(x, cond={"Omega_m": "abc", "sigma_8": 0.8}),
+    ):
+        with pytest.raises(ValueError, match=r"cond\['Omega_m'\]: values must be numbers, got 'abc'"):
+            call()
+    with pytest.raises(ValueError, match=r"cond\['sigma_8'\]: values must be finite"):
+        emu.sample(2, cond={"Omega_m": 0.3, "sigma_8": [0.8, None]})
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("echo owned",))
+
+
+def test_damaged_and_hostile_files_are_told_apart_without_advising_weights_only_false(tmp_path, trained):
+    """27.14: random bytes were "a weights-only unpickling failure", echoing torch's advice to load with
+    weights_only=False (cut mid-sentence); a malicious pickle got the same text."""
+    import pickle
+
+    good = trained[2].read_bytes()
+    files = {
+        "random.ckpt": np.random.default_rng(0).bytes(5000),
+        "truncated.ckpt": good[: len(good) // 2],
+        "empty.ckpt": b"",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pickle.dump({"state_dict": _Hostile()}, (tmp_path / "pickle.ckpt").open("wb"))
+    torch.save({"state_dict": _Hostile()}, tmp_path / "torch.ckpt")
+    for name in [*files, "pickle.ckpt", "torch.ckpt"]:
+        with pytest.raises(ValueError) as e:
+            KappaFlow.load(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name}: ") and "\n" not in msg and "weights_only" not in msg, msg
+        if name in files:
+            assert "not a checkpoint (corrupt or truncated" in msg, msg
+        else:
+            assert "contains objects lensflow will not unpickle (posix.system)" in msg, msg

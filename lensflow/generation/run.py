@@ -37,7 +37,10 @@ def generate(cfg: Any) -> Path:
     device = resolve_devices(request.devices, request.accelerator)
     ckpt, sha256 = read_checkpoint_hashed(request.ckpt)  # one-line ValueError for foreign files
     module = KappaFlow.from_checkpoint(ckpt, request.ckpt)
-    plan = Plan.of(request, sha256, module.param_names, condition_grid(request.cond, module.param_names))
+    grid = condition_grid(request.cond, module.param_names)
+    if module.training_box is not None:  # before any file: outside the box the emulator extrapolates
+        module.training_box.check(grid, request.allow_extrapolation)
+    plan = Plan.of(request, sha256, module.param_names, grid)
     if job_mod.out_exists(plan.out) and not request.overwrite:
         if job_mod.already_complete(plan, request.format):
             job_mod.remove_work_folder(plan)
@@ -47,7 +50,16 @@ def generate(cfg: Any) -> Path:
     n_done = job_mod.prepare_parts(plan, request.overwrite)
     if n_done:
         log.info("resuming: %d of %d batches already in %s", n_done, plan.n_batches, plan.parts)
-    work = Work(plan, module.meta, request.seed, request.temperature, request.ema, request.max_attempts, request.noise)
+    work = Work(
+        plan,
+        module.meta,
+        request.seed,
+        request.temperature,
+        request.ema,
+        request.max_attempts,
+        request.noise,
+        request.allow_extrapolation,
+    )
     t0 = time.perf_counter()
     written = run_batches(work, module, ckpt, plan.todo(), device, request.progress)
     elapsed = time.perf_counter() - t0

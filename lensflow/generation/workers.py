@@ -34,9 +34,19 @@ class Work:
     ema: bool
     max_attempts: int
     noise: ShapeNoise | None
+    allow_extrapolation: bool = False  # checked once, before any file (generation.run)
 
-    def sampler(self, module: Any, device: torch.device) -> Sampler:
-        return Sampler(module, device, self.seed, self.temperature, self.ema, self.max_attempts, self.noise)
+    def sampler(self, module: KappaFlow, device: torch.device) -> Sampler:
+        return Sampler(
+            module,
+            device,
+            self.seed,
+            self.temperature,
+            self.ema,
+            self.max_attempts,
+            self.noise,
+            self.allow_extrapolation,
+        )
 
     def batch(self, sampler: Sampler, b: int) -> tuple[int, int]:
         """Sample batch ``b`` and write its part; returns (maps, redraws)."""
