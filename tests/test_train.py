@@ -316,8 +316,11 @@ def test_cli_kappa_quick_leaves_a_loadable_checkpoint(tmp_path, data_dir):
     run_dir = Path(lines["run folder"])
     assert run_dir.parent == tmp_path / "out" / "train" / "kappa_quick"
     assert best.parent == run_dir / "checkpoints"
-    # the short validation summary
+    # the short validation summary, in errors a user can judge (issue 26.7), and no advert or foreign warning
     assert all(f"    {k} " in r.stdout for k in ("C_ell", "peak counts", "pixel PDF"))
+    assert r.stdout.count("max |z| ") == 3 and "max / mean over bins" not in r.stdout
+    for noise in ("litlogger", "anonymous setting", "LeafSpec"):
+        assert noise not in r.stderr, noise
     assert Path(lines["samples"].split(" (")[0]).exists() and Path(lines["summary"]).exists()
     assert GlowModule.load_from_checkpoint(best).npix == 32
     assert KappaFlow.load(best).sample(2).shape == (2, 1, 32, 32)

@@ -11,6 +11,7 @@ checks: JSON + PNG), ``samples.h5`` (maps drawn from the best checkpoint, a map 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -104,6 +105,16 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     return result
 
 
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger" line: an advert, not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
+
+
 def _fit(
     req: TrainRequest,
     module: GlowModule,
@@ -120,6 +131,8 @@ def _fit(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
+        # Lightning's own data-loader code (CombinedLoader) builds torch's deprecated LeafSpec: not ours to fix.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         trainer = L.Trainer(
             **req.trainer,
             logger=make_logger(req.logger, req.name, req.run_dir),
