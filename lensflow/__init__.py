@@ -5,7 +5,8 @@ LightningModule -> checkpoint -> generate -> map store -> statistics -> validati
 The ground floor (``sims``, ``mapstore``, ``flows``, ``stats``) imports neither Hydra nor Lightning.
 
 From a notebook, ``lensflow.load(path)`` gives the trained emulator (:class:`lensflow.emulator.Emulator`:
-``sample``, ``log_prob``, ``meta``, ``param_names``); importing ``lensflow`` itself loads nothing heavy.
+``sample``, ``log_prob``, ``meta``, ``param_names``; the model itself is :class:`lensflow.model.KappaFlow`, a plain
+``torch.nn.Module``); importing ``lensflow`` itself loads nothing heavy. ``python -m lensflow`` lists the commands.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "load"]
 

@@ -2,13 +2,14 @@
 
 A checkpoint is a Lightning checkpoint of plain data, so ``torch.load(path, weights_only=True)`` reads it:
 
-* ``state_dict``: ``glow.*`` (raw weights, which the optimizer state belongs to), ``glow_ema.*`` (the EMA
-  weights used for sampling), ``cond_mean``/``cond_std`` (physical units, or of ln θ with ``model.cond_log``) and
-  ``ema_steps``;
+* ``state_dict``: ``model.*``, the :class:`lensflow.model.KappaFlow` (``model.glow.*``: raw weights, which the
+  optimizer state belongs to; ``model.glow_ema.*``: the EMA weights used for sampling; ``model.cond_mean``/
+  ``model.cond_std``: physical units, or of ln θ with ``model.cond_log``; ``model.cond_low``/``model.cond_high``:
+  the training box), and ``ema_steps``. lensflow 0.1 wrote the model's entries without the ``model.`` prefix
+  (and without the box); :meth:`lensflow.model.KappaFlow.from_checkpoint` reads both. An export
+  (:meth:`lensflow.model.KappaFlow.save`) holds the model's entries without prefix and no optimizer state;
 * ``hyper_parameters``: plain dicts ``model, meta, npix, store, param_names, optim, check, seed, config``,
-  where ``meta`` is the training store's :meth:`lensflow.mapstore.StoreMeta.to_dict`. Older checkpoints
-  (lensflow 0.1 before the training/generation split) hold a ``map_meta`` dict instead of
-  ``meta/npix/store``; :func:`training_maps` reads both;
+  where ``meta`` is the training store's :meth:`lensflow.mapstore.StoreMeta.to_dict`;
 * ``"lensflow"``: format version, model kind ``"glow"``, the resolved run config, the training data
   (store path, metadata, map side, parameter names) and a provenance record;
 * ``"lensflow_counters"``: the non-finite step counters of the run.
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
+import pickletools
+import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,36 +93,13 @@ def lensflow_entry(
 
 
 def training_maps(hparams: Mapping[str, Any]) -> tuple[StoreMeta, int, str | None]:
-    """``(meta, npix, store)`` of the training maps from a checkpoint's hyperparameters (either format)."""
-    if hparams.get("map_meta") is not None and hparams.get("meta") is None:
-        return legacy_maps(hparams["map_meta"])
+    """``(meta, npix, store)`` of the training maps from a checkpoint's hyperparameters."""
     meta = hparams.get("meta")
     if meta is None or hparams.get("npix") is None:
-        raise ValueError("hyper_parameters: no training-map metadata (meta/npix, or map_meta)")
+        raise ValueError("hyper_parameters: no training-map metadata (meta/npix)")
     meta = meta if isinstance(meta, StoreMeta) else StoreMeta.from_dict(meta)
     store = hparams.get("store")
     return meta, int(hparams["npix"]), None if store is None else str(store)
-
-
-def legacy_maps(map_meta: Mapping[str, Any]) -> tuple[StoreMeta, int, str | None]:
-    """``(meta, npix, store)`` from the ``map_meta`` dict of older checkpoints (see the module docstring)."""
-    mm = dict(map_meta)
-    for key in ("channels", "npix", "pixel_arcmin"):
-        if key not in mm:
-            raise ValueError(f"map_meta: missing {key!r}")
-    channels = int(mm["channels"])
-    zs = mm.get("source_redshifts")
-    zs = [math.nan] * channels if zs is None else [math.nan if z is None else float(z) for z in zs]
-    if len(zs) != channels:
-        raise ValueError(f"map_meta: {len(zs)} source_redshifts for {channels} channels")
-    meta = StoreMeta(
-        pixel_arcmin=float(mm["pixel_arcmin"]),
-        source_redshifts=tuple(zs),
-        periodic=bool(mm.get("periodic", False)),
-        kind=str(mm.get("kind") or "simulation"),
-    )
-    store = mm.get("store")
-    return meta, int(mm["npix"]), None if store is None else str(store)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False) -> dict[str, Any]:
@@ -153,8 +133,41 @@ def _load(src: Any, p: Path, map_location: Any, mmap: bool = False) -> Any:
     try:
         return torch.load(src, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling/format problem is a bad file to the user
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise ValueError(f"{p}: not a readable lensflow checkpoint ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{p}: {_why_unreadable(e, src)}") from None
+
+
+def _why_unreadable(e: BaseException, src: Any) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in words for the user: a file that holds code or objects (which
+    lensflow never unpickles) or a damaged one. torch's own advice (to load with ``weights_only=False``) is never
+    repeated: that runs whatever code the file holds."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the zip format's pickle names a blocked global
+    names = [found.group(1)] if found else _pickle_globals(src)
+    if names:
+        return (
+            f"contains objects lensflow will not unpickle ({', '.join(names[:3])}); a lensflow checkpoint holds "
+            "plain data only (tensors, numbers, strings), so this file was not written by lensflow, or was altered"
+        )
+    return f"not a checkpoint (corrupt or truncated: {type(e).__name__} while reading it)"
+
+
+def _pickle_globals(src: Any) -> list[str]:
+    """The classes/functions a plain (non-zip) pickle file refers to; ``[]`` when it is not a complete pickle. The
+    opcodes are only listed, nothing is executed."""
+    try:
+        data = src.getvalue() if isinstance(src, io.BytesIO) else Path(src).read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            return []
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+    except Exception:  # noqa: BLE001 - not a pickle: the caller reports a damaged file
+        return []
 
 
 def _checked(ckpt: Any, p: Path) -> dict[str, Any]:

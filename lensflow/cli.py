@@ -33,7 +33,6 @@ __all__ = [
     "config_error",
     "echo",
     "exit_with",
-    "hydra_cli",
     "one_line",
     "open_node_overrides",
     "precheck",
@@ -204,11 +203,6 @@ def command(
 
     main.__doc__ = f"``python -m lensflow.{config_name} key=value ...``: exit 0 done, 1 run failed, 2 bad input."
     return main
-
-
-def hydra_cli(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """Old name of :func:`command` that prints a non-None result (kept for one release)."""
-    return command(config_name, fn, render=lambda r: None if r is None else str(r))
 
 
 def echo(text: str) -> None:

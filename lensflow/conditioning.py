@@ -32,10 +32,14 @@ def _is_empty(cond: Any) -> bool:
     return np.size(_array(cond)) == 0
 
 
-def _array(x: Any) -> np.ndarray:
+def _array(x: Any, name: str = "cond") -> np.ndarray:
+    """``x`` as float64; a one-line ``ValueError`` naming ``name`` (``cond['Omega_m']``) for non-numbers."""
     if hasattr(x, "detach"):  # a torch tensor, on any device
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: values must be numbers, got {x!r}"[:200]) from None
 
 
 def _check_presence(cond: Any, names: Sequence[str]) -> bool:
@@ -75,11 +79,13 @@ def condition_rows(cond: Any, param_names: Sequence[str], n: int | None = None) 
     if not _check_presence(cond, names):
         return None
     if isinstance(cond, Mapping):
-        cols = [_array(cond[k]).reshape(-1) for k in names]
+        cols = [_array(cond[k], f"cond[{k!r}]").reshape(-1) for k in names]
         m = max(c.size for c in cols) if n is None else n
         for k, c in zip(names, cols, strict=True):
             if c.size not in (1, m):
                 raise ValueError(f"cond[{k!r}]: expected 1 or {m} values, got {c.size}")
+            if not np.isfinite(c).all():
+                raise ValueError(f"cond[{k!r}]: values must be finite, got {c.tolist()}"[:200])
         rows = np.stack([np.broadcast_to(c, (m,)) for c in cols], axis=1)
     else:
         rows = _array(cond)

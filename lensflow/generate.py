@@ -5,34 +5,16 @@
     python -m lensflow.generate ckpt=runs/kappa/best.ckpt n_maps=10000 out=mocks.h5
     python -m lensflow.generate ckpt=cond.ckpt n_maps=500 cond.Omega_m=[0.25,0.3] cond.sigma_8=0.8 out=grid.h5
 
-The work is :func:`lensflow.generation.generate`; the names below are re-exported from
-:mod:`lensflow.generation` for callers of the single module this used to be. Exit code 0 done,
-1 sampling failed (a map stayed non-finite), 2 bad input.
+The work is :func:`lensflow.generation.generate`. Exit code 0 done, 1 sampling failed (a map stayed non-finite),
+2 bad input.
 """
 
 from __future__ import annotations
 
 from lensflow import cli
-from lensflow.generation import (
-    GenerationError,
-    GenerationRequest,
-    condition_grid,
-    generate,
-    latent_noise,
-    sample_maps,
-    stream_seed,
-)
+from lensflow.generation import generate
 
-__all__ = [
-    "GenerationError",
-    "GenerationRequest",
-    "condition_grid",
-    "generate",
-    "latent_noise",
-    "main",
-    "sample_maps",
-    "stream_seed",
-]
+__all__ = ["generate", "main"]
 
 main = cli.command("generate", generate, open_nodes=("cond",))
 

@@ -65,8 +65,3 @@ def provenance(config: Mapping[str, Any] | None = None, command: list[str] | Non
     if commit:
         rec["git"] = commit
     return rec
-
-
-def _jsonable(obj: Any) -> Any:
-    """Old private name of :func:`lensflow._util.plain.to_plain` (kept for one release; use ``to_plain``)."""
-    return to_plain(obj)

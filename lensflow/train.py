@@ -14,19 +14,9 @@ with one line ``error: ...`` on stderr and exit code 2; a diverging run (non-fin
 from __future__ import annotations
 
 from lensflow import cli
-from lensflow.training import (
-    NonFiniteCheckpointError,
-    TrainingDivergedError,
-    resolve_store,
-    train,
-    train_summary_text,
-)
-from lensflow.training.callbacks import ParamDigest
-from lensflow.training.loggers import wandb_mode
+from lensflow.training import NonFiniteCheckpointError, TrainingDivergedError, train, train_summary_text
 
-_wandb_mode = wandb_mode  # the old private name (tests, lensflow 0.1 callers)
-
-__all__ = ["ParamDigest", "main", "resolve_store", "train"]
+__all__ = ["main", "train"]
 
 main = cli.command(
     "train",

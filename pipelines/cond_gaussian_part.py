@@ -69,7 +69,7 @@ def bin_error_rows(emu, sim, cond: dict, n: int, seed: int) -> dict:
     from lensflow.validation import statistics_of, summary_config_for
 
     sims = sim.generate(n, seed=[20261202, seed])
-    sets = {"gaussian_part": gaussian_part_sample(emu.module, n, cond, 5000 + seed)}
+    sets = {"gaussian_part": gaussian_part_sample(emu.model, n, cond, 5000 + seed)}
     sets["full_model"] = emu.sample(n, cond=cond, seed=1000 + seed)
     sc = summary_config_for({}, emu.meta, sims[: min(n, 2000)], seed=seed)
     ref = statistics_of(sims, sc, seed=seed)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     thetas = [parse_theta(t) for t in a.theta] if a.theta else THETAS
     emu = lensflow.load(a.ckpt, device="cpu")
-    if emu.module.glow_ema.stationary is None:
+    if emu.model.glow_ema.stationary is None:
         raise SystemExit("error: ckpt: this model has no stationary layer")
     with open_store(emu.store) as st:
         truth = StoreTruth(st.meta, str(st.path))
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         maps = sim.generate(a.maps, seed=[777, k])
         exact = sim.log_prob(maps)
         d = int(np.prod(maps.shape[1:]))
-        gauss = kl_gap_bits(exact, gaussian_part_log_prob(emu.module, maps, cond), d)
+        gauss = kl_gap_bits(exact, gaussian_part_log_prob(emu.model, maps, cond), d)
         full = kl_gap_bits(exact, emu.log_prob(maps, cond=cond), d)
         row = {"theta": list(theta), "maps": a.maps, "gaussian_part": gauss, "full_model": full}
         print(f"θ={theta}: Gaussian part alone {gauss[0]:.5f} ± {gauss[1]:.5f}, full {full[0]:.5f} ± {full[1]:.5f}")

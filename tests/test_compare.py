@@ -12,6 +12,7 @@ from helpers.cosmology import SIMPLE as COSMO
 from scipy import stats as sps
 
 from lensflow import compare as C
+from lensflow.compare.metrics import Moments, influence_gram
 from lensflow.sims.flat import simulate_maps
 from lensflow.stats.summary import SummaryConfig, summarize, with_reference_sigma
 
@@ -132,14 +133,14 @@ def test_correlation_gram_matches_brute_force():
     F = 5
     x = rng.normal(size=(40, F)) @ rng.normal(size=(F, F))
     y = rng.standard_t(5, size=(30, F))
-    mx, my = C._moments(x), C._moments(y)
+    mx, my = Moments.of(x), Moments.of(y)
     rx, ry = mx.z.T @ mx.z / 40, my.z.T @ my.z / 30
     iu = np.triu_indices(F, 1)
 
     def infl(z, r):  # influence function of each correlation coefficient, per map
         return np.stack([(np.outer(v, v) - r / 2 * (v[:, None] ** 2 + v[None, :] ** 2))[iu] for v in z])
 
-    np.testing.assert_allclose(C._if_gram(mx.z, rx, my.z, ry), infl(mx.z, rx) @ infl(my.z, ry).T, atol=1e-10)
+    np.testing.assert_allclose(influence_gram(mx.z, rx, my.z, ry), infl(mx.z, rx) @ infl(my.z, ry).T, atol=1e-10)
 
 
 def test_correlation_noise_floor_matches_gaussian_theory_and_monte_carlo():

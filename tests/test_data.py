@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.data import EpochSampler, KappaDataModule, _roll_each, dihedral_transform, random_augment
 from lensflow.mapstore import MapStoreError, StoreMeta, open_store, write_store
+from lensflow.training.augment import dihedral_transform, random_augment, roll_each
+from lensflow.training.data import KappaDataModule
+from lensflow.training.sampler import EpochSampler
 
 
 def _store(path, n=60, npix=16, channels=1, periodic=False, params=True, seed=0):
@@ -58,7 +60,7 @@ def test_roll_each_matches_numpy_roll():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3, 2, 7, 7)).astype(np.float32)
     dy, dx = np.array([0, 3, 6]), np.array([5, 0, 2])
-    y = _roll_each(torch.from_numpy(x), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()
+    y = roll_each(torch.from_numpy(x), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()
     for b in range(3):
         np.testing.assert_array_equal(y[b], np.roll(x[b], (dy[b], dx[b]), axis=(1, 2)))
 
@@ -125,7 +127,7 @@ def test_splits_caps_and_in_memory_equal_lazy(tmp_path):
     train_p = params[st.indices("train")][:, ::-1]
     np.testing.assert_allclose(mean, train_p.astype(np.float32).mean(0), rtol=1e-6)
     np.testing.assert_allclose(std, train_p.astype(np.float32).std(0), rtol=1e-5)
-    assert ram.map_meta()["npix"] == 16 and ram.map_meta()["channels"] == 1 and ram.cond_dim == 2
+    assert ram.npix == 16 and ram.channels == 1 and ram.cond_dim == 2
 
 
 def test_normalization_maps_come_from_the_training_split_only(tmp_path):

@@ -21,10 +21,9 @@ from helpers.stores import tiny_checkpoint
 
 import lensflow
 import lensflow.generate as gen
-from lensflow.generate import GenerationError, generate, latent_noise, sample_maps, stream_seed
-from lensflow.generation import job
+from lensflow.generation import GenerationError, generate, job, latent_noise, sample_maps, stream_seed
 from lensflow.mapstore import StoreMeta, open_store
-from lensflow.module import GlowModule, load_glow_module
+from lensflow.model import KappaFlow
 
 NPIX = 16
 #: The generate overrides of every test here (the CLI tests pass their own).
@@ -108,7 +107,7 @@ def test_map_depends_only_on_seed_and_index(tmp_path, ckpts):
         sample_maps(ck, 5, batch_size=2, device="cpu"), a[:5], rtol=1e-5, atol=1e-6 * np.abs(a).max()
     )
     # Brute force: map 7 alone, from its documented stream, through the module's own sampler.
-    module = load_glow_module(ck)
+    module = KappaFlow.load(ck)
     g = torch.Generator().manual_seed(
         int.from_bytes(np.random.SeedSequence([0, 7, 0]).generate_state(2, np.uint32).astype("<u4").tobytes(), "little")
     )
@@ -121,7 +120,7 @@ def test_map_depends_only_on_seed_and_index(tmp_path, ckpts):
 
 
 def test_temperature_scales_latents(ckpts):
-    module = load_glow_module(ckpts["uncond"])
+    module = KappaFlow.load(ckpts["uncond"])
     z = latent_noise(0, [0, 1, 2], NPIX * NPIX)
     np.testing.assert_allclose(
         sample_maps(module, 3, temperature=0.5, device="cpu"),
@@ -144,7 +143,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, ckpts):
         import torch
         from omegaconf import OmegaConf
         torch.set_num_threads(1)  # as in this process: bit-identical maps need the same kernels
-        import lensflow.generate as g
+        import lensflow.generation as g
         from lensflow.mapstore import MapStoreWriter
         commit = MapStoreWriter.commit
         def kill_in_third_part(self):
@@ -245,7 +244,7 @@ def test_conditional_grid(tmp_path, ckpts):
     assert st.meta.extra["conditions"]["values"] == want[::3].tolist()
     maps = st.read()
     # Each map from its own stream and its own condition, computed alone.
-    module = load_glow_module(ck)
+    module = KappaFlow.load(ck)
     for i in (4, 11):
         z = latent_noise(0, [i], 2 * NPIX * NPIX)
         one = module.sample(1, cond={"Omega_m": want[i, 0], "sigma_8": want[i, 1]}, noise=z).numpy()[0]
@@ -260,15 +259,15 @@ def test_conditional_grid(tmp_path, ckpts):
 
 def test_nonfinite_maps_are_redrawn_from_the_next_stream(tmp_path, ckpts, monkeypatch):
     ck = ckpts["uncond"]
-    module = load_glow_module(ck)
-    orig = GlowModule.sample
+    module = KappaFlow.load(ck)
+    orig = KappaFlow.sample
 
-    def flaky(self, n, cond=None, temperature=1.0, generator=None, noise=None, ema=True, batch_size=None):
+    def flaky(self, n, cond=None, temperature=1.0, generator=None, noise=None, ema=True, batch_size=None, **kw):
         x = orig(self, n, cond=cond, temperature=temperature, noise=noise, ema=ema)
         x[noise[:, 0] > 0.5] = float("nan")  # a latent-dependent failure (~31% of draws)
         return x
 
-    monkeypatch.setattr(GlowModule, "sample", flaky)
+    monkeypatch.setattr(KappaFlow, "sample", flaky)
     out = generate(compose("generate", *ON_CPU, ckpt=str(ck), n_maps=8, batch_size=3, out=str(tmp_path / "m.h5")))
     st = open_store(out)
     maps = st.read()  # every stored map is finite (read checks)
@@ -289,7 +288,7 @@ def test_nonfinite_maps_are_redrawn_from_the_next_stream(tmp_path, ckpts, monkey
     def broken(self, n, **kw):
         return torch.full((n, 1, NPIX, NPIX), float("inf"))
 
-    monkeypatch.setattr(GlowModule, "sample", broken)
+    monkeypatch.setattr(KappaFlow, "sample", broken)
     with pytest.raises(GenerationError, match="non-finite in all 3 attempts"):
         generate(
             compose(
@@ -378,7 +377,13 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, ckpts, monkeypatch, run_c
         "missing checkpoint": ([f"ckpt={tmp_path / 'nope.ckpt'}"], "checkpoint not found"),
         "no checkpoint": ([], "ckpt: no checkpoint"),
         "foreign checkpoint": ([f"ckpt={foreign}"], "not a lensflow checkpoint"),
-        "map store as checkpoint": ([f"ckpt={ckpts['cond'].with_suffix('.h5')}"], "not a readable lensflow"),
+        "map store as checkpoint": ([f"ckpt={ckpts['cond'].with_suffix('.h5')}"], "not a checkpoint (corrupt or"),
+        # issue 27.10: outside the training box the emulator extrapolates; far outside the crop Gaussian failed
+        "condition outside the box": (
+            [f"ckpt={cc}", "cond.Omega_m=[0.3,0.5]", "cond.sigma_8=0.8"],
+            "cond.Omega_m=0.5 is outside the emulator's training box [0.25, 0.35]",
+        ),
+        "condition far outside": ([f"ckpt={cc}", "cond.Omega_m=0.3", "cond.sigma_8=9"], "allow_extrapolation=true"),
         "n_maps=0": ([f"ckpt={uc}", "n_maps=0"], "n_maps must be an integer >= 1"),
         "n_maps<0": ([f"ckpt={uc}", "n_maps=-3"], "n_maps must be an integer >= 1"),
         "temperature=0": ([f"ckpt={uc}", "temperature=0"], "temperature must be a positive number"),
@@ -468,7 +473,7 @@ def test_emulator_samples_the_generated_maps_and_evaluates_their_density(tmp_pat
     np.testing.assert_array_equal(maps, open_store(out).read())  # the same maps as generate
     lp = emu.log_prob(maps)
     assert lp.dtype == np.float64 and lp.shape == (5,) and np.isfinite(lp).all()
-    direct = load_glow_module(ckpts["uncond"]).log_prob(torch.from_numpy(maps)).double().numpy()
+    direct = KappaFlow.load(ckpts["uncond"]).log_prob(torch.from_numpy(maps)).double().numpy()
     np.testing.assert_allclose(lp, direct, rtol=1e-6)
     assert emu.log_prob(maps[1])[0] == pytest.approx(lp[1], rel=1e-6)  # one map [C, H, W]
     np.testing.assert_allclose(emu.log_prob(maps, batch_size=2), lp, rtol=1e-6)
@@ -576,3 +581,26 @@ def test_the_checkpoint_is_read_once_per_job(tmp_path, ckpts, monkeypatch):
         compose("generate", *ON_CPU, ckpt=str(ckpts["uncond"]), n_maps=5, batch_size=2, out=str(tmp_path / "m.h5"))
     )
     assert len(calls) == 1  # loaded (and hashed, from the same bytes) once for all three batches
+
+
+def test_extrapolation_is_refused_unless_asked_for_and_then_recorded(tmp_path, ckpts):
+    """Issue 27.10: a θ outside the training box is refused in one line (parameter, value, box) before any file is
+    made; ``allow_extrapolation`` draws there and the output's metadata says so."""
+    ck = ckpts["cond"]
+    emu = lensflow.load(ck, device="cpu")
+    assert emu.training_box.as_dict() == {"Omega_m": (0.25, 0.35), "sigma_8": (0.75, 0.85)}
+    with pytest.raises(ValueError, match=r"cond.sigma_8=0.9 is outside the emulator's training box \[0.75, 0.85\]"):
+        emu.sample(2, cond={"Omega_m": 0.3, "sigma_8": 0.9})
+    with pytest.raises(ValueError, match="outside the emulator's training box"):
+        emu.model.sample(2, cond=[0.3, 0.9])
+    edge = emu.sample(1, cond={"Omega_m": 0.35, "sigma_8": 0.85})  # the box's corner is inside (float32 /params)
+    assert np.isfinite(edge).all()
+    maps = emu.sample(2, cond={"Omega_m": 0.3, "sigma_8": 0.9}, allow_extrapolation=True)
+    cfg = dict(ckpt=str(ck), n_maps=2, out=str(tmp_path / "x.h5"), cond={"Omega_m": 0.3, "sigma_8": 0.9})
+    with pytest.raises(ValueError, match="allow_extrapolation=true"):
+        generate(compose("generate", *ON_CPU, **cfg))
+    assert _left(tmp_path) == []  # no output, no <out>.parts/
+    out = generate(compose("generate", *ON_CPU, **cfg, allow_extrapolation=True))
+    st = open_store(out)
+    np.testing.assert_array_equal(st.read(), maps)
+    assert st.meta.extra["allow_extrapolation"] is True and st.meta.created_by["config"]["allow_extrapolation"]

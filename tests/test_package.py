@@ -15,8 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "lensflow"
 
-#: The ground floor (design §6.2 rule 6): never Hydra, never Lightning, never an upper floor. Modules that do not
-#: exist yet are skipped and checked as soon as they do.
+#: The ground floor (design §6.2 rule 6): never Hydra, never Lightning, never an upper floor.
 GROUND = [
     "lensflow._util",
     "lensflow.sims",
@@ -28,6 +27,7 @@ GROUND = [
     "lensflow.provenance",
     "lensflow.checkpoint",
     "lensflow.conditioning",
+    "lensflow.model",
     "lensflow.report",
     "lensflow.ingest_files",
 ]
@@ -39,8 +39,6 @@ HIGHER = [
     "pytorch_lightning",
     "wandb",
     "lensflow.cli",
-    "lensflow.data",
-    "lensflow.module",
     "lensflow.train",
     "lensflow.generate",
     "lensflow.validate",
@@ -60,17 +58,10 @@ COMMAND_IMPORTS = {
     "lensflow.train": ["lensflow.training"],
     "lensflow.generate": ["lensflow.generation"],
     "lensflow.validate": ["lensflow.validation"],
+    "lensflow.infer": ["lensflow.inference"],
+    "lensflow.export": ["lensflow.model"],
     "lensflow.simulate": GROUND,
     "lensflow.ingest": GROUND,
-}
-#: Old modules being rewritten into packages: exempt from the library rules below until their package exists
-#: (then the old module is a thin re-export and must follow them).
-PENDING = {
-    "lensflow/module.py": "training",
-    "lensflow/data.py": "training",
-    "lensflow/train.py": "training",
-    "lensflow/generate.py": "generation",
-    "lensflow/validate.py": "validation",
 }
 
 
@@ -100,15 +91,12 @@ def _under(name: str, prefixes: list[str]) -> bool:
 
 
 def test_ground_floor_imports_no_higher_floor():
-    ground = [m for m in GROUND if _exists(m)]
-    assert "lensflow.stats" in ground and "lensflow._util" in ground
-    bad = sorted(m for m in _imported_after(ground) if _under(m, HIGHER))
+    assert all(_exists(m) for m in GROUND), [m for m in GROUND if not _exists(m)]
+    bad = sorted(m for m in _imported_after(GROUND) if _under(m, HIGHER))
     assert bad == [], f"ground floor pulled in: {bad}"
 
 
 def test_report_imports_no_job_package():
-    if not _exists("lensflow.report"):
-        pytest.skip("lensflow.report does not exist yet")
     bad = sorted(m for m in _imported_after(["lensflow.report"]) if _under(m, REPORT_MUST_NOT_IMPORT))
     assert bad == [], f"lensflow.report pulled in: {bad}"
 
@@ -138,8 +126,6 @@ def _lensflow_imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("command", sorted(COMMAND_IMPORTS))
 def test_command_module_imports_only_its_package_util_and_cli(command):
     allowed = COMMAND_IMPORTS[command]
-    if not all(_exists(p) for p in allowed[:1]):
-        pytest.skip(f"{allowed[0]} does not exist yet: {command} is still the old module")
     path = PKG / (command.split(".", 1)[1] + ".py")
     allowed = [*allowed, "lensflow._util", "lensflow.cli"]
     bad = sorted(m for m in _lensflow_imports(path) if m != "lensflow" and not _under(m, allowed))
@@ -150,7 +136,7 @@ def _library_files() -> list[Path]:
     files = []
     for p in sorted(PKG.rglob("*.py")):
         rel = p.relative_to(ROOT).as_posix()
-        if rel == "lensflow/cli.py" or (rel in PENDING and not (PKG / PENDING[rel]).is_dir()):
+        if rel == "lensflow/cli.py":
             continue
         files.append(p)
     return files
@@ -251,3 +237,18 @@ def test_help_describes_the_command_and_lists_only_its_own_groups_and_keys(run_c
     assert says in text and key in text and f"python -m lensflow.{command}" in text
     for word in foreign:
         assert word not in text, f"{command} --help mentions {word!r}"
+
+
+def test_version_and_the_list_of_commands():
+    import lensflow
+    from lensflow.__main__ import COMMANDS
+
+    run = [sys.executable, "-m", "lensflow"]
+    out = subprocess.run([*run, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out == f"lensflow {lensflow.__version__}\n" and lensflow.__version__ == "0.2.0"
+    usage = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert usage.count("\n") == 1 and all(c in usage for c in COMMANDS)
+    assert all(_exists(f"lensflow.{c}") for c in COMMANDS)  # every command listed is runnable
+    bad = subprocess.run([*run, "--versoin"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: '--versoin'")
+    assert bad.stderr.count("\n") == 1

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lensflow.model import KappaFlow
+
 _DEFAULT_BATCH = {"cpu": 16, "cuda": 256}
 
 
@@ -47,8 +49,9 @@ def _experiment(name: str) -> Any:
         GlobalHydra.instance().clear()
 
 
-def build_module(name: str, seed: int = 0) -> Any:
-    """A GlowModule with the architecture and map geometry of experiment ``name`` and random weights.
+def build_module(name: str, seed: int = 0) -> KappaFlow:
+    """A :class:`~lensflow.model.KappaFlow` with the architecture and map geometry of experiment ``name`` and
+    random weights.
 
     The normalisation is fitted and ActNorm initialised on synthetic shifted-lognormal maps of the
     experiment's size, so sampling runs the same operations as a trained model.
@@ -56,7 +59,6 @@ def build_module(name: str, seed: int = 0) -> Any:
     from omegaconf import OmegaConf
 
     from lensflow.mapstore import StoreMeta
-    from lensflow.training import GlowModule
 
     cfg = _experiment(name)
     sim = cfg.data.simulate
@@ -67,9 +69,7 @@ def build_module(name: str, seed: int = 0) -> Any:
     grid = OmegaConf.to_container(sim.grid, resolve=True) if sim.get("grid") else {}
     meta = StoreMeta(float(sim.pixel_arcmin), tuple(zs), periodic=bool(sim.sim.get("periodic", False)))
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    module = GlowModule(
-        model=model, meta=meta, npix=npix, param_names=names, check={"every": 0, "final": False}, seed=seed
-    )
+    module = KappaFlow(model=model, meta=meta, npix=npix, param_names=names, seed=seed)
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((4, len(zs), npix, npix))  # 4 x npix^2 pixels: plenty for ActNorm statistics
     maps = (0.02 * (np.exp(0.8 * g - 0.32) - 1.0)).astype(np.float32)  # shifted lognormal, shift 0.02
@@ -82,23 +82,7 @@ def build_module(name: str, seed: int = 0) -> Any:
     return module.eval()
 
 
-def _save_checkpoint(module: Any, path: Path) -> Path:
-    import lightning as L
-
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return path
-
-
-def _cond(module: Any) -> dict[str, float] | None:
+def _cond(module: KappaFlow) -> dict[str, float] | None:
     if not module.param_names:
         return None
     mean = module.cond_mean.detach().cpu().numpy()
@@ -130,7 +114,6 @@ def _batch(batch: Mapping[str, Any], device: str, model: str) -> int:
 def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows of maps/s for each model and device (see the module docstring); best of ``repeats``."""
     from lensflow.generation import GenerationRequest, generate
-    from lensflow.training import GlowModule
 
     models = list(cfg.get("models") or ["kappa_quick", "kappa"])
     ckpt = cfg.get("ckpt")
@@ -146,8 +129,8 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         targets = [("checkpoint", Path(str(ckpt)))] if ckpt else [(m, None) for m in models]
         for name, path in targets:
             if path is None:
-                path = _save_checkpoint(build_module(name, seed), Path(tmp) / f"{name}.ckpt")
-            module = GlowModule.load(path)
+                path = build_module(name, seed).save(Path(tmp) / f"{name}.pt")
+            module = KappaFlow.load(path)
             channels, npix, _ = module.map_shape
             n_params = sum(p.numel() for p in module.glow_ema.parameters())
             cond = _cond(module)

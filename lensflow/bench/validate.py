@@ -22,7 +22,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from lensflow.mapstore import StoreMeta
 from lensflow.sims.flat import FlatSimulator
 from lensflow.sims.theory import PLANCK18, convergence_cl
 from lensflow.validation import statistics_of, summary_config_for
+
+if TYPE_CHECKING:
+    from lensflow.emulator import Emulator
 
 log = get_logger(__name__)
 
@@ -74,7 +77,9 @@ def _simulator(npix: int, pixel_arcmin: float, **kw: Any) -> FlatSimulator:
     return FlatSimulator(npix, pixel_arcmin, cosmo, 1.0, **kw)
 
 
-def candidates(name: str, npix: int, pixel_arcmin: float, fiducial: FlatSimulator, emulator: Any) -> tuple[Draw, Draw]:
+def candidates(
+    name: str, npix: int, pixel_arcmin: float, fiducial: FlatSimulator, emulator: Emulator | None
+) -> tuple[Draw, Draw]:
     """``(reference draw, candidate draw)`` of a departure: each maps (n, seed words) to maps [n, 1, npix, npix]."""
 
     def sims(s: FlatSimulator) -> Draw:
@@ -139,11 +144,11 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     meta = StoreMeta(pixel_arcmin=pix, source_redshifts=(1.0,))
     tol = Tolerances(permutations=c["permutations"])
     fiducial = _simulator(npix, pix)
-    emulator = None
+    emulator: Emulator | None = None
     if c.get("emulator"):
-        import lensflow
+        from lensflow.emulator import Emulator
 
-        emulator = lensflow.load(c["emulator"], device="cpu")
+        emulator = Emulator.load(c["emulator"], device="cpu")
     rows = []
     for n in c["sizes"]:
         t0 = time.time()

@@ -107,9 +107,6 @@ before.
 
 from __future__ import annotations
 
-from typing import Any
-
-from lensflow._util.plain import to_plain
 from lensflow.compare.joint import compare
 from lensflow.compare.memorization import memorization_check, nearest_neighbour_distances
 from lensflow.compare.metrics import (
@@ -117,7 +114,6 @@ from lensflow.compare.metrics import (
     brown_forsythe_z,
     correlation_error,
     hartlap_chi2,
-    influence_gram,
     moment_tstats,
 )
 from lensflow.compare.tolerances import MemorizationTolerances, Tolerances, per_bin_sigma
@@ -139,15 +135,4 @@ __all__ = [
     "per_bin_sigma",
     "standardized_deviations",
     "summary_rows",
-    "to_jsonable",
 ]
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Old name of ``lensflow._util.plain.to_plain(obj, nan_to_none=True)`` (kept for one release)."""
-    return to_plain(obj, nan_to_none=True)
-
-
-# Old private names that tests of the metrics reach (kept for one release).
-_moments = Moments.of
-_if_gram = influence_gram

@@ -37,10 +37,6 @@ def check_padding(padding: str) -> str:
     return padding
 
 
-def conv_padding_mode(padding: str) -> str:
-    return "zeros" if padding == "zero" else "circular"
-
-
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -77,6 +77,7 @@ class GenerationRequest:
     noise: ShapeNoise | None = None
     max_attempts: int = 10
     progress: bool = True
+    allow_extrapolation: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> GenerationRequest:
@@ -114,6 +115,7 @@ class GenerationRequest:
         check_bool("ema", self.ema)
         check_bool("overwrite", self.overwrite)
         check_bool("progress", self.progress)
+        check_bool("allow_extrapolation", self.allow_extrapolation)
         if self.out.is_dir() and not (self.format == "fits" and self.fits_layout == "files"):
             raise ValueError(f"out: {self.out} is a directory; give a file path")
         if not self.ckpt.is_file():
@@ -311,6 +313,7 @@ def final_meta(plan: Plan, request: GenerationRequest, training: Mapping[str, An
         "conditions": {"param_names": job["param_names"], "values": job["conditions"]},
         "batch_size": job["batch_size"],
         "noise": job["noise"],
+        "allow_extrapolation": request.allow_extrapolation,
         "nonfinite_redraws": len(redrawn),
         "redrawn_maps": sorted(set(redrawn)),
         "training": {

@@ -19,6 +19,7 @@ from lensflow.conditioning import condition_grid
 from lensflow.generation import job as job_mod
 from lensflow.generation.job import GenerationRequest, Plan
 from lensflow.generation.workers import Work, run_batches
+from lensflow.model import KappaFlow
 
 __all__ = ["generate"]
 
@@ -32,13 +33,14 @@ def generate(cfg: Any) -> Path:
         cfg: the composed ``generate`` config (``conf/generate.yaml``), a mapping of its keys, or a
             :class:`~lensflow.generation.job.GenerationRequest`.
     """
-    from lensflow.training.glow_module import GlowModule
-
     request = cfg if isinstance(cfg, GenerationRequest) else GenerationRequest.from_config(cfg)
     device = resolve_devices(request.devices, request.accelerator)
     ckpt, sha256 = read_checkpoint_hashed(request.ckpt)  # one-line ValueError for foreign files
-    module = GlowModule.from_checkpoint(ckpt, request.ckpt)
-    plan = Plan.of(request, sha256, module.param_names, condition_grid(request.cond, module.param_names))
+    module = KappaFlow.from_checkpoint(ckpt, request.ckpt)
+    grid = condition_grid(request.cond, module.param_names)
+    if module.training_box is not None:  # before any file: outside the box the emulator extrapolates
+        module.training_box.check(grid, request.allow_extrapolation)
+    plan = Plan.of(request, sha256, module.param_names, grid)
     if job_mod.out_exists(plan.out) and not request.overwrite:
         if job_mod.already_complete(plan, request.format):
             job_mod.remove_work_folder(plan)
@@ -48,7 +50,16 @@ def generate(cfg: Any) -> Path:
     n_done = job_mod.prepare_parts(plan, request.overwrite)
     if n_done:
         log.info("resuming: %d of %d batches already in %s", n_done, plan.n_batches, plan.parts)
-    work = Work(plan, module.meta, request.seed, request.temperature, request.ema, request.max_attempts, request.noise)
+    work = Work(
+        plan,
+        module.meta,
+        request.seed,
+        request.temperature,
+        request.ema,
+        request.max_attempts,
+        request.noise,
+        request.allow_extrapolation,
+    )
     t0 = time.perf_counter()
     written = run_batches(work, module, ckpt, plan.todo(), device, request.progress)
     elapsed = time.perf_counter() - t0

@@ -19,8 +19,8 @@ import torch
 
 from lensflow._util.checks import check_bool, check_int
 from lensflow._util.devices import resolve_device
-from lensflow.conditioning import condition_rows
 from lensflow.generation.streams import latent_noise, noise_rng
+from lensflow.model import KappaFlow
 
 __all__ = ["GenerationError", "Sampler", "ShapeNoise", "check_temperature", "sample_maps"]
 
@@ -71,25 +71,28 @@ class Sampler:
     """Draws the maps of given global indices from one module on one device (finite maps only).
 
     Args:
-        module: a :class:`lensflow.training.GlowModule` (eval mode, on ``device``).
+        module: a :class:`lensflow.model.KappaFlow` (eval mode, on ``device``).
         device: where the flow runs; latents are drawn on the CPU and moved there.
         seed, temperature: of the latent streams.
         ema: EMA (default) or raw weights.
         max_attempts: draws per map before :class:`GenerationError`.
         noise: optional shape noise.
+        allow_extrapolation: draw at conditions outside the model's training box (refused by default).
     """
 
     def __init__(
         self,
-        module: Any,
+        module: KappaFlow,
         device: torch.device,
         seed: int,
         temperature: float,
         ema: bool = True,
         max_attempts: int = 10,
         noise: ShapeNoise | None = None,
+        allow_extrapolation: bool = False,
     ) -> None:
         self.module, self.device, self.seed = module, device, int(seed)
+        self.allow_extrapolation = bool(allow_extrapolation)
         self.temperature, self.ema, self.max_attempts, self.noise = float(temperature), bool(ema), max_attempts, noise
         self.shape = tuple(module.map_shape)
         self.dims = int(np.prod(self.shape))
@@ -114,6 +117,7 @@ class Sampler:
                 temperature=self.temperature,
                 noise=z,
                 ema=self.ema,
+                allow_extrapolation=self.allow_extrapolation,
             )
             x = x.detach().to("cpu", torch.float32).numpy().reshape(len(todo), *self.shape)
             ok = np.isfinite(x).reshape(len(todo), -1).all(axis=1)
@@ -155,7 +159,7 @@ class Sampler:
 
 
 def sample_maps(
-    ckpt_or_module: str | os.PathLike | Any,
+    ckpt_or_module: str | os.PathLike | KappaFlow,
     n: int,
     temperature: float = 1.0,
     cond: Mapping[str, Any] | np.ndarray | torch.Tensor | None = None,
@@ -165,6 +169,7 @@ def sample_maps(
     ema: bool = True,
     noise: Mapping[str, Any] | None = None,
     max_attempts: int = 10,
+    allow_extrapolation: bool = False,
 ) -> np.ndarray:
     """Draw ``n`` mock κ maps float32 ``[n, C, H, W]`` in memory (the notebook API).
 
@@ -172,7 +177,7 @@ def sample_maps(
     condition: map ``i`` depends only on ``(seed, i)``.
 
     Args:
-        ckpt_or_module: a checkpoint path or a loaded :class:`lensflow.training.GlowModule`.
+        ckpt_or_module: a checkpoint path or a loaded :class:`lensflow.model.KappaFlow`.
         n: number of maps.
         temperature: latent temperature (> 0; 1 = the trained distribution).
         cond: for a conditional model, ``{name: value or [n] values}`` in physical units, or an
@@ -183,6 +188,7 @@ def sample_maps(
         ema: sample with the EMA weights (default) or the raw weights.
         noise: optional shape noise ``{"sigma_e": 0.26, "n_gal": 30.0, "seed": None}`` (n_gal per arcmin²).
         max_attempts: draws per map before giving up on a non-finite map.
+        allow_extrapolation: draw at conditions outside the training box (refused by default, in one line).
     """
     n = check_int("n", n, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -190,12 +196,11 @@ def sample_maps(
     temperature = check_temperature(temperature)
     dev = resolve_device(device)
     if isinstance(ckpt_or_module, (str, os.PathLike)):
-        from lensflow.training.glow_module import GlowModule
-
-        module = GlowModule.load(ckpt_or_module, dev)
+        module = KappaFlow.load(ckpt_or_module, dev)
     else:
         module = ckpt_or_module.to(dev).eval()
-    rows = condition_rows(cond, tuple(module.param_names), n)
+    allow = check_bool("allow_extrapolation", allow_extrapolation)
+    rows = module.condition_rows(cond, n, allow)
     sampler = Sampler(
         module,
         dev,
@@ -204,6 +209,7 @@ def sample_maps(
         check_bool("ema", ema),
         check_int("max_attempts", max_attempts, 1),
         ShapeNoise.from_mapping(noise, seed),
+        allow,
     )
     out = np.empty((n, *sampler.shape), dtype=np.float32)
     for lo in range(0, n, batch_size):

@@ -18,6 +18,7 @@ from lensflow._util.progress import progress as progress_bar
 from lensflow.generation import job as job_mod
 from lensflow.generation.sampler import GenerationError, Sampler, ShapeNoise
 from lensflow.mapstore import StoreMeta
+from lensflow.model import KappaFlow
 
 __all__ = ["Work", "run_batches"]
 
@@ -33,9 +34,19 @@ class Work:
     ema: bool
     max_attempts: int
     noise: ShapeNoise | None
+    allow_extrapolation: bool = False  # checked once, before any file (generation.run)
 
-    def sampler(self, module: Any, device: torch.device) -> Sampler:
-        return Sampler(module, device, self.seed, self.temperature, self.ema, self.max_attempts, self.noise)
+    def sampler(self, module: KappaFlow, device: torch.device) -> Sampler:
+        return Sampler(
+            module,
+            device,
+            self.seed,
+            self.temperature,
+            self.ema,
+            self.max_attempts,
+            self.noise,
+            self.allow_extrapolation,
+        )
 
     def batch(self, sampler: Sampler, b: int) -> tuple[int, int]:
         """Sample batch ``b`` and write its part; returns (maps, redraws)."""
@@ -50,13 +61,11 @@ def _worker(
 ) -> None:
     """One worker process: batches ``todo[rank::nprocs]`` on its own device."""
     try:
-        from lensflow.training.glow_module import GlowModule
-
         torch.set_num_threads(threads)
         device = torch.device(f"cuda:{rank}") if kind == "cuda" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        sampler = work.sampler(GlowModule.from_checkpoint(ckpt).to(device), device)
+        sampler = work.sampler(KappaFlow.from_checkpoint(ckpt).to(device), device)
         for b in todo[rank::nprocs]:
             n, r = work.batch(sampler, b)
             q.put(("done", rank, n, r))

@@ -16,7 +16,7 @@ turned into posteriors by :class:`lensflow.inference.posterior.GridPosterior`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,13 +26,16 @@ from lensflow._util.progress import progress
 from lensflow.sims.flat import FlatSimulator
 from lensflow.stats import SummaryConfig, summarize
 
+if TYPE_CHECKING:
+    from lensflow.emulator import Emulator
+
 __all__ = ["ClLikelihood", "emulator_loglike", "exact_loglike", "expected_cl"]
 
 log = get_logger(__name__)
 
 
 def emulator_loglike(
-    emulator: Any, maps: np.ndarray, nodes: np.ndarray, *, batch_size: int = 256, show_progress: bool = True
+    emulator: Emulator, maps: np.ndarray, nodes: np.ndarray, *, batch_size: int = 256, show_progress: bool = True
 ) -> np.ndarray:
     """The emulator's ``log p(κ_i | θ_g)`` [n, G] in nats for maps [n, C, H, W] and nodes [G, P] (physical θ)."""
     n, g = maps.shape[0], nodes.shape[0]

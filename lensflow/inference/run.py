@@ -24,6 +24,7 @@ from lensflow._util.atomic import write_json, write_text
 from lensflow._util.checks import check_bool, check_choice, check_int, check_optional_int
 from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
+from lensflow.emulator import Emulator
 from lensflow.inference.likelihoods import ClLikelihood, emulator_loglike, exact_loglike
 from lensflow.inference.posterior import GridPosterior, ParameterGrid, refine_loglike
 from lensflow.mapstore import MapStore, open_store
@@ -107,10 +108,8 @@ class InferRequest:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_emulator(req: InferRequest) -> Any:
-    import lensflow
-
-    emu = lensflow.load(req.ckpt, device=req.device)
+def _load_emulator(req: InferRequest) -> Emulator:
+    emu = Emulator.load(req.ckpt, device=req.device)
     if not emu.param_names:
         raise ValueError(
             f"ckpt: {req.ckpt} is an unconditional emulator; lensflow.infer needs one conditioned on the parameters "
@@ -119,7 +118,7 @@ def _load_emulator(req: InferRequest) -> Any:
     return emu
 
 
-def _check_maps(store: MapStore, emu: Any) -> None:
+def _check_maps(store: MapStore, emu: Emulator) -> None:
     c, h, _ = emu.map_shape
     pix, want = store.meta.pixel_arcmin, emu.meta.pixel_arcmin
     if store.channels != c or store.npix != h or not math.isclose(pix, want, rel_tol=1e-6):
@@ -129,24 +128,13 @@ def _check_maps(store: MapStore, emu: Any) -> None:
         )
 
 
-def training_box(emu: Any) -> dict[str, tuple[float, float]] | None:
-    """The range of each conditioning parameter over the emulator's training store (``None`` if unreadable)."""
-    if not emu.store or not Path(emu.store).exists():
-        return None
-    with open_store(emu.store) as st:
-        names = list(st.meta.param_names)
-        if not set(emu.param_names) <= set(names):
-            return None
-        p = st.read_params(st.indices("train"))
-
-    # /params are float32: 0.85 is stored as 0.85000002; the box is given to the 7 digits float32 carries
-    def r(v: float) -> float:
-        return float(f"{v:.7g}")
-
-    return {k: (r(p[:, names.index(k)].min()), r(p[:, names.index(k)].max())) for k in emu.param_names}
+def training_box(emu: Emulator) -> dict[str, tuple[float, float]] | None:
+    """The range of each conditioning parameter over the emulator's training split (``None`` if unknown)."""
+    box = emu.training_box
+    return None if box is None else box.as_dict()
 
 
-def prior_box(req: InferRequest, emu: Any) -> dict[str, tuple[float, float]]:
+def prior_box(req: InferRequest, emu: Emulator) -> dict[str, tuple[float, float]]:
     """The uniform prior's box: ``prior`` when given (inside the training box), else the training box."""
     box = training_box(emu)
     unknown = sorted(set(req.prior) - set(emu.param_names))

@@ -1,8 +1,8 @@
 """Training a Glow emulator of κ maps: data, the Lightning module, the sample check, callbacks, ``train``.
 
 ``data`` (the DataModule; ``augment`` and ``sampler`` its augmentation and data order), ``glow_module``
-(:class:`GlowModule`: the loop, schedule, EMA, non-finite guard, :meth:`GlowModule.load`), ``settings``
-(typed model/optimiser/check settings), ``checks`` (the sample check, validate's code on arrays, and its
+(:class:`GlowModule`: the loop, schedule, EMA and non-finite guard around a :class:`lensflow.model.KappaFlow`),
+``settings`` (typed model/optimiser/check settings), ``checks`` (the sample check, validate's code on arrays, and its
 callback), ``callbacks``, ``loggers``, ``request`` (the config as typed objects) and ``run``
 (:func:`train`). ``python -m lensflow.train`` is :func:`train` behind :mod:`lensflow.cli`.
 """
@@ -10,7 +10,7 @@ callback), ``callbacks``, ``loggers``, ``request`` (the config as typed objects)
 from lensflow.checkpoint import NonFiniteCheckpointError
 from lensflow.training.checks import SampleCheck, sample_check
 from lensflow.training.data import EpochSampler, KappaDataModule
-from lensflow.training.glow_module import GlowModule, TrainingDivergedError, load_glow_module
+from lensflow.training.glow_module import GlowModule, TrainingDivergedError
 from lensflow.training.request import TrainRequest, resolve_store
 from lensflow.training.run import train
 from lensflow.training.settings import CheckSettings, ModelSettings, OptimSettings
@@ -27,7 +27,6 @@ __all__ = [
     "SampleCheck",
     "TrainRequest",
     "TrainingDivergedError",
-    "load_glow_module",
     "resolve_store",
     "sample_check",
     "train",

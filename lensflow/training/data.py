@@ -193,21 +193,6 @@ class KappaDataModule(L.LightningDataModule):
         """The store's absolute path (recorded in checkpoints)."""
         return str(self.path.resolve())
 
-    def map_meta(self) -> dict[str, Any]:
-        """The old plain-dict description of the training maps (kept for callers of lensflow 0.1)."""
-        m = self.meta
-        return {
-            "pixel_arcmin": float(m.pixel_arcmin),
-            "source_redshifts": [float(z) for z in m.source_redshifts],
-            "periodic": bool(m.periodic),
-            "npix": int(self.npix),
-            "channels": int(self.channels),
-            "kind": str(m.kind),
-            "store": self.store_path,
-            "n_train": int(len(self._split_idx["train"])),
-            "n_val": int(len(self._split_idx["val"])),
-        }
-
     def split_indices(self, split: str) -> np.ndarray:
         """Store indices of the maps used for ``split`` (after ``max_*_maps``)."""
         return self._split_idx[split]
@@ -250,6 +235,14 @@ class KappaDataModule(L.LightningDataModule):
             p = np.log(p)
         mean, std = p.mean(axis=0), p.std(axis=0)
         return mean, np.where(std > 0, std, 1.0)
+
+    def cond_box(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The training box: min and max [P] of each conditioning parameter over the training split (physical
+        units; ``None`` if unconditional). Sampling outside it is refused unless asked for."""
+        p = self._params(self._split_idx["train"]).astype(np.float64)
+        if p.shape[1] == 0:
+            return None
+        return p.min(axis=0), p.max(axis=0)
 
     def eval_maps(self, split: str = "val", n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` maps of a split and their conditioning params (for sample checks)."""

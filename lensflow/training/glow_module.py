@@ -8,46 +8,33 @@ non-finite on any rank is skipped on every rank and counted (``train/skipped_ste
 ``optim.max_nonfinite_steps`` in a row stop the run (:class:`TrainingDivergedError`), and no checkpoint with
 NaN/Inf tensors is written. The network comes from :meth:`lensflow.flows.Glow.from_config`, the checkpoint
 format from :mod:`lensflow.checkpoint`; the in-training sample check is a callback
-(:class:`lensflow.training.checks.SampleCheck`). The file runs past 400 lines because the Lightning hooks and
-the sampling API must be methods of one class.
+(:class:`lensflow.training.checks.SampleCheck`). The trained model itself (sampling, scoring, loading) is
+:class:`lensflow.model.KappaFlow`, held as :attr:`GlowModule.model`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lensflow._util.plain import to_plain
-from lensflow.checkpoint import (
-    MODEL_KIND,
-    NonFiniteCheckpointError,
-    lensflow_entry,
-    read_checkpoint,
-    refuse_nonfinite,
-    training_maps,
-)
-from lensflow.conditioning import condition_rows, normalize_conditions
+from lensflow.checkpoint import MODEL_KIND, NonFiniteCheckpointError, lensflow_entry, refuse_nonfinite
+from lensflow.conditioning import normalize_conditions
 from lensflow.flows import ActNorm, Glow
 from lensflow.mapstore import StoreMeta
+from lensflow.model import PREFIX as MODEL_PREFIX
+from lensflow.model import KappaFlow, ModelSettings, model_state
 from lensflow.provenance import provenance
 from lensflow.training.schedule import WarmupCosine, ema_decay, ema_update_
-from lensflow.training.settings import LEGACY_MODEL, CheckSettings, ModelSettings, OptimSettings
+from lensflow.training.settings import CheckSettings, OptimSettings
 
-__all__ = [
-    "MODEL_KIND",
-    "GlowModule",
-    "NonFiniteCheckpointError",
-    "TrainingDivergedError",
-    "load_glow_module",
-]
+__all__ = ["MODEL_KIND", "GlowModule", "NonFiniteCheckpointError", "TrainingDivergedError"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -57,10 +44,11 @@ class TrainingDivergedError(RuntimeError):
 
 
 class GlowModule(L.LightningModule):
-    """A Glow on κ maps with EMA weights, its normalisation and its training loop.
+    """The training loop of a :class:`~lensflow.model.KappaFlow` (held as :attr:`model`): optimiser, schedule, EMA
+    updates, the non-finite guard, validation metrics and the checkpoint entries.
 
     Args:
-        model: :class:`~lensflow.training.settings.ModelSettings` or a (partial) mapping of its fields.
+        model: :class:`~lensflow.model.ModelSettings` or a (partial) mapping of its fields.
         meta: the training store's :class:`~lensflow.mapstore.StoreMeta` (or its ``to_dict()``): pixel
             scale, source redshifts (one per channel), periodicity.
         npix: map side in pixels.
@@ -70,8 +58,6 @@ class GlowModule(L.LightningModule):
         seed: seed of the weight initialisation.
         config: the resolved run config (provenance; plain dict).
         store: path of the training store (provenance).
-        map_meta: instead of ``meta``/``npix``/``store``, the dict of older checkpoints (``pixel_arcmin,
-            source_redshifts, periodic, npix, channels, kind, store``); kept so they still load.
     """
 
     def __init__(
@@ -85,173 +71,52 @@ class GlowModule(L.LightningModule):
         seed: int = 0,
         config: Mapping[str, Any] | None = None,
         store: str | os.PathLike | None = None,
-        map_meta: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        meta, npix, store = training_maps(
-            {"meta": meta, "npix": npix, "store": None if store is None else str(store), "map_meta": map_meta}
-        )
-        if map_meta is not None and isinstance(model, Mapping):  # a lensflow 0.1 checkpoint: its own defaults
-            model = {**LEGACY_MODEL, **model}
-        settings = ModelSettings.from_mapping(model)
+        self.model = KappaFlow(model, meta, npix, param_names, seed, store)
         self.optim_settings = OptimSettings.from_mapping(optim)
-        names = [str(p) for p in (param_names or ())]
-        glow_config = settings.glow_config(meta.channels, npix, len(names), meta.periodic)
         self.save_hyperparameters(
             {
-                "model": settings.to_dict(),
-                "meta": meta.to_dict(),
-                "npix": int(npix),
-                "store": store,
-                "param_names": names,
+                **self.model.hyper_parameters(),
                 "optim": self.optim_settings.to_dict(),
                 "check": CheckSettings.from_mapping(check).to_dict(),
-                "seed": int(seed),
                 "config": to_plain(config),
             }
         )
         self.automatic_optimization = False
-        self.meta = meta
-        self.cond_log = settings.cond_log
-        self.glow = Glow.from_config(glow_config, init_seed=int(seed))
-        self.glow_ema = copy.deepcopy(self.glow)
-        self.glow_ema.requires_grad_(False)
-        self.register_buffer("cond_mean", torch.zeros(len(names), dtype=torch.float64))
-        self.register_buffer("cond_std", torch.ones(len(names), dtype=torch.float64))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.int64))
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self._init_done = False
         self._provenance: dict[str, Any] | None = None
 
-    # -- description ------------------------------------------------------------------------------------
+    # -- the model's description, for the loop and its callbacks ------------------------------------------
+    @property
+    def glow(self) -> Glow:
+        """The raw (trained) weights' Glow."""
+        return self.model.glow
+
+    @property
+    def meta(self) -> StoreMeta:
+        return self.model.meta
+
     @property
     def param_names(self) -> tuple[str, ...]:
-        """Conditioning parameter names (``()`` if unconditional)."""
-        return tuple(self.hparams["param_names"])
+        return self.model.param_names
 
     @property
     def npix(self) -> int:
-        """Map side in pixels."""
-        return int(self.hparams["npix"])
+        return self.model.npix
 
     @property
     def store(self) -> str | None:
-        """Path of the training store (as it was when training started)."""
-        return self.hparams["store"]
-
-    @property
-    def map_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one map."""
-        return self.meta.channels, self.npix, self.npix
-
-    @property
-    def map_meta(self) -> dict[str, Any]:
-        """The old dict description of the training maps (read-only; use :attr:`meta`, :attr:`npix`)."""
-        return {
-            "pixel_arcmin": self.meta.pixel_arcmin,
-            "source_redshifts": list(self.meta.source_redshifts),
-            "periodic": self.meta.periodic,
-            "npix": self.npix,
-            "channels": self.meta.channels,
-            "kind": self.meta.kind,
-            "store": self.store,
-        }
-
-    @property
-    def num_dims(self) -> int:
-        return self.glow.num_dims
-
-    # -- normalisation ----------------------------------------------------------------------------------
-    def fit_normalization(
-        self,
-        maps: np.ndarray | Tensor,
-        cond_mean: Sequence[float] | np.ndarray = (),
-        cond_std: Sequence[float] | np.ndarray = (),
-        params: np.ndarray | Tensor | None = None,
-    ) -> None:
-        """Set the cond statistics [P] (of the physical values, or of their logs with ``model.cond_log``), then the
-        κ preprocessing (and the stationary layer's whitening) from training maps [N, C, H, W] and their physical
-        conditions ``params`` [N, P] (a conditional crop Gaussian fits ξ(θ) on them)."""
-        mean = torch.as_tensor(np.asarray(cond_mean, dtype=np.float64).reshape(-1))
-        std = torch.as_tensor(np.asarray(cond_std, dtype=np.float64).reshape(-1))
-        if mean.numel() != len(self.param_names) or std.numel() != len(self.param_names):
-            raise ValueError(f"cond_mean/cond_std must have {len(self.param_names)} entries")
-        if not bool(torch.all(std > 0)):
-            raise ValueError("cond_std must be positive")
-        self.cond_mean.copy_(mean)
-        self.cond_std.copy_(std)
-        cond = None
-        if self.param_names and params is not None:
-            cond = normalize_conditions(
-                torch.as_tensor(np.asarray(params)), self.cond_mean, self.cond_std, log=self.cond_log
-            )
-        self.glow.fit_preprocessing(maps, cond)
-        self.glow_ema.preprocess.load_state_dict(self.glow.preprocess.state_dict())
-        if self.glow.stationary is not None:
-            self.glow_ema.stationary.load_state_dict(self.glow.stationary.state_dict())
-
-    def normalize_cond(self, cond: Any, n: int | None = None) -> Tensor | None:
-        """Physical conditioning values -> the normalised float32 ``[n, P]`` tensor the Glow takes.
-
-        ``cond``: ``None`` (unconditional models), a tensor/array ``[n, P]`` or ``[P]`` in the order of
-        :attr:`param_names`, or a dict ``{name: value or [n] values}`` (see :mod:`lensflow.conditioning`).
-        """
-        rows = condition_rows(cond, self.param_names, n)
-        return normalize_conditions(rows, self.cond_mean, self.cond_std, log=self.cond_log)
+        return self.model.store
 
     def _batch_cond(self, batch: Mapping[str, Tensor]) -> Tensor | None:
-        if not self.param_names:
+        m = self.model
+        if not m.param_names:
             return None
-        return normalize_conditions(batch["cond"], self.cond_mean, self.cond_std, log=self.cond_log)
-
-    # -- sampling ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        cond: Any = None,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        ema: bool = True,
-        batch_size: int | None = None,
-    ) -> Tensor:
-        """Draw ``n`` maps ``[n, C, H, W]`` in κ units (normalisation undone), EMA weights by default.
-
-        Args:
-            n: number of maps.
-            cond: physical conditioning values (see :meth:`normalize_cond`); one row is broadcast to all maps.
-            temperature: latent temperature (1 = the trained distribution).
-            generator: torch generator of the latent noise (its device is used for the draw).
-            noise: ``[n, C*H*W]`` standard-normal latents (order: :class:`lensflow.flows.Glow`), not drawn.
-            ema: use the EMA weights (default) or the raw weights.
-            batch_size: maps per pass (default all at once).
-        """
-        glow = self.glow_ema if ema else self.glow
-        c = self.normalize_cond(cond, n)
-        was_training = glow.training
-        glow.eval()
-        try:
-            step = n if batch_size is None else max(1, min(batch_size, n))
-            out = [
-                glow.sample(
-                    min(step, n - lo),
-                    cond=None if c is None else c[lo : lo + step],
-                    temperature=temperature,
-                    generator=generator,
-                    noise=None if noise is None else noise[lo : lo + step],
-                )
-                for lo in range(0, n, step)
-            ]
-            return out[0] if len(out) == 1 else torch.cat(out)
-        finally:
-            glow.train(was_training)
-
-    def log_prob(self, x: Tensor, cond: Any = None, ema: bool = True) -> Tensor:
-        """``log p(κ)`` in nats per map [B] (EMA weights by default); ``cond`` in physical units."""
-        glow = self.glow_ema if ema else self.glow
-        return glow.log_prob(x, self.normalize_cond(cond, x.shape[0]))
+        return normalize_conditions(batch["cond"], m.cond_mean, m.cond_std, log=m.cond_log)
 
     # -- initialisation ---------------------------------------------------------------------------------
     def is_initialized(self) -> bool:
@@ -264,8 +129,7 @@ class GlowModule(L.LightningModule):
     def initialize(self, x: Tensor, cond: Tensor | None = None) -> None:
         """Data-dependent ActNorm initialisation of the raw weights on ``x`` (κ) and ``cond`` (normalised),
         then EMA := raw. Every rank must call this at the same time (ActNorm all-reduces its statistics)."""
-        self.glow.initialize(x, cond)
-        self.glow_ema.load_state_dict(self.glow.state_dict())
+        self.model.initialize(x, cond)
         self.ema_steps.zero_()
 
     def on_fit_start(self) -> None:
@@ -383,13 +247,13 @@ class GlowModule(L.LightningModule):
     @torch.no_grad()
     def _update_ema(self) -> None:
         d = ema_decay(self.optim_settings.ema_decay, int(self.ema_steps.item()))
-        ema_update_(self.glow_ema.parameters(), self.glow.parameters(), d)
+        ema_update_(self.model.glow_ema.parameters(), self.glow.parameters(), d)
         self.ema_steps += 1
-        self.glow_ema.clear_cache()
+        self.model.glow_ema.clear_cache()
 
     # -- validation -------------------------------------------------------------------------------------
     def _eval_bits_per_dim(self, batch: Mapping[str, Tensor]) -> Tensor:
-        return self.glow_ema.bits_per_dim(batch["kappa"], self._batch_cond(batch)).mean()
+        return self.model.glow_ema.bits_per_dim(batch["kappa"], self._batch_cond(batch)).mean()
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         bpd = self._eval_bits_per_dim(batch)
@@ -433,35 +297,16 @@ class GlowModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads checkpoint["state_dict"] after this hook: a pre-0.2 checkpoint names the model's
+        # entries without the "model." prefix (resuming it then works as before).
+        state = checkpoint.get("state_dict")
+        if state is not None and not any(k.startswith(MODEL_PREFIX) for k in state):
+            checkpoint["state_dict"] = {
+                **{MODEL_PREFIX + k: v for k, v in model_state(state).items()},
+                **{k: v for k, v in state.items() if k == "ema_steps"},
+            }
+            for name in ("cond_low", "cond_high"):  # added in 0.2: the box is read from the store, if at all
+                checkpoint["state_dict"].setdefault(MODEL_PREFIX + name, getattr(self.model, name).clone())
         counters = checkpoint.get("lensflow_counters", {})
         self.nonfinite_total = int(counters.get("nonfinite_total", 0))
         self.nonfinite_in_a_row = int(counters.get("nonfinite_in_a_row", 0))
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: Mapping[str, Any], source: str | os.PathLike = "checkpoint") -> GlowModule:
-        """The module (eval mode, CPU) of a checkpoint dict read by :func:`lensflow.checkpoint.read_checkpoint`;
-        a one-line ``ValueError`` naming ``source`` when it does not fit this lensflow's GlowModule."""
-        try:
-            module = cls(**ckpt["hyper_parameters"])
-            module.load_state_dict(ckpt["state_dict"], strict=True)
-        except (TypeError, RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(
-                f"{source}: checkpoint does not match this lensflow's GlowModule "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
-        module.on_load_checkpoint(dict(ckpt))
-        return module.eval()
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> GlowModule:
-        """Load a module (eval mode) from a checkpoint file; one-line ``ValueError`` naming the file if it
-        is missing or not a lensflow Glow checkpoint."""
-        module = cls.from_checkpoint(read_checkpoint(path, "cpu"), path)
-        if isinstance(map_location, (str, torch.device)):
-            module = module.to(map_location)
-        return module
-
-
-def load_glow_module(path: str | os.PathLike, map_location: Any = "cpu") -> GlowModule:
-    """:meth:`GlowModule.load` (the name used before the training package)."""
-    return GlowModule.load(path, map_location)

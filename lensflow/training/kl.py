@@ -92,7 +92,7 @@ class KLGap(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self._prepare(trainer) is None:
             return
-        self.last = kl_gaps(pl_module, self.sets)
+        self.last = kl_gaps(pl_module.model, self.sets)
         for split in self.sets.sets:
             for key in ("kl_bits_per_dim", "kl_se"):
                 pl_module.log(f"{split}/{key}", self.last[f"{split}_{key}"], rank_zero_only=True, sync_dist=False)

@@ -68,7 +68,7 @@ def make_logger(settings: LoggerSettings, name: str, run_dir: Path) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(settings.offline)
-    return WandbLogger(
+    logger = WandbLogger(
         name=name,
         save_dir=str(run_dir),
         project=settings.project,
@@ -78,3 +78,7 @@ def make_logger(settings: LoggerSettings, name: str, run_dir: Path) -> Any:
         tags=list(settings.tags),
         log_model=settings.log_model,
     )
+    # Lightning always hands wandb.init anonymous=None, which wandb >= 0.19 answers with "The anonymous setting has
+    # no effect" on every run; the setting is gone from wandb, so it is left out.
+    logger._wandb_init.pop("anonymous", None)
+    return logger

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -160,13 +159,8 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def resolve_store(data: DataRequest | Mapping[str, Any], data_dir: str | os.PathLike | None = None) -> Path:
+def resolve_store(data: DataRequest) -> Path:
     """The map store to train on: ``data.path`` if set, else the cached simulation of ``data.simulate``."""
-    if not isinstance(data, DataRequest):  # the old signature: (data node, data_dir)
-        d = to_plain(data)
-        data = DataRequest(
-            d.get("path") or None, d.get("simulate"), d.get("simulate_if_missing", True), Path(str(data_dir)), {}
-        )
     if data.path is not None:
         p = Path(data.path).expanduser()
         if not p.exists():

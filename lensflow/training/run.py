@@ -11,6 +11,7 @@ checks: JSON + PNG), ``samples.h5`` (maps drawn from the best checkpoint, a map 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from lensflow._util.atomic import write_json
 from lensflow._util.plain import to_plain
 from lensflow.checkpoint import MODEL_KIND, read_checkpoint, training_maps
 from lensflow.mapstore import write_store
+from lensflow.model import KappaFlow
 from lensflow.provenance import provenance
 from lensflow.training.callbacks import Callbacks, make_callbacks
 from lensflow.training.checks import full_verdict, sample_check
@@ -72,8 +74,11 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     )
     ckpt_path = check_resume(req.ckpt_path, module) if req.ckpt_path else None
     if ckpt_path is None:
-        module.fit_normalization(
-            dm.normalization_maps(), *dm.cond_stats(log=module.cond_log), params=dm.normalization_params()
+        module.model.fit_normalization(
+            dm.normalization_maps(),
+            *dm.cond_stats(log=module.model.cond_log),
+            params=dm.normalization_params(),
+            box=dm.cond_box(),
         )
     L.seed_everything(req.seed, workers=True, verbose=False)
     cbs = make_callbacks(req.callbacks, req.check, req.seed, req.run_dir, req.trainer.get("enable_progress_bar", True))
@@ -100,6 +105,16 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     return result
 
 
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger" line: an advert, not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
+
+
 def _fit(
     req: TrainRequest,
     module: GlowModule,
@@ -116,6 +131,8 @@ def _fit(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
+        # Lightning's own data-loader code (CombinedLoader) builds torch's deprecated LeafSpec: not ours to fix.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         trainer = L.Trainer(
             **req.trainer,
             logger=make_logger(req.logger, req.name, req.run_dir),
@@ -161,7 +178,7 @@ def _final_check(
 ) -> dict[str, Any]:
     """The sample check of checkpoint ``src`` (its samples go to ``<run_dir>/samples.h5``), validate's full
     default verdict on the same samples, and the checkpoint's KL gaps when the store has an exact likelihood."""
-    model = GlowModule.load(src, "cpu").to(device)
+    model = KappaFlow.load(src, device)
     ref, ref_params = dm.eval_maps("val", req.check.n_samples)
     res = sample_check(
         model,
@@ -189,7 +206,7 @@ def _final_check(
 
 
 def write_samples(
-    path: Path, samples: np.ndarray, params: np.ndarray, module: GlowModule, ckpt: Path, config: Mapping[str, Any]
+    path: Path, samples: np.ndarray, params: np.ndarray, module: KappaFlow, ckpt: Path, config: Mapping[str, Any]
 ) -> Path:
     """The finite ``samples`` as a mock map store (test split), conditions and provenance included."""
     good = np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)

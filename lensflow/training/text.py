@@ -9,11 +9,24 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from lensflow.training.checks import POPULATED_SE, TARGETS
+
 __all__ = ["train_summary_text"]
 
 
 def _pct(v: Any) -> str:
     return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.1f}%"
+
+
+def _error_line(c: Mapping[str, Any], key: str) -> str:
+    """``"max |z| 1.9; worst of 9 well-populated bins 3.1% (target 5%)"`` of one statistic."""
+    z, target = c.get(f"{key}_z_max"), TARGETS[key]
+    zs = "nan" if z is None or not math.isfinite(z) else f"{z:.1f}"
+    n = int(c.get(f"{key}_populated_bins") or 0)
+    if n == 0:
+        return f"max |z| {zs}; no bin measured to ±{_pct(POPULATED_SE * target)} with these maps (draw more to judge)"
+    worst = _pct(c.get(f"{key}_frac_populated_max"))
+    return f"max |z| {zs}; worst of {n} well-populated bins {worst} (target {_pct(target)})"
 
 
 def train_summary_text(result: Mapping[str, Any]) -> str | None:
@@ -37,11 +50,11 @@ def train_summary_text(result: Mapping[str, Any]) -> str | None:
         n_ok = int(c["n_samples"] - c["nonfinite_samples"])
         lines.append(f"  samples:          {s['samples']} ({n_ok} maps)")
         lines.append(
-            f"  vs {s['n_reference_maps']} validation maps, |fractional error of the mean| max / mean over bins:"
+            f"  vs {s['n_reference_maps']} validation maps, the mean per bin (|z| = |error| / its standard error, "
+            "≲ 3 when they agree):"
         )
-        lines.append(f"    C_ell        {_pct(c.get('cl_frac_max'))} / {_pct(c.get('cl_frac_mean'))}")
-        lines.append(f"    peak counts  {_pct(c.get('peaks_frac_max'))} / {_pct(c.get('peaks_frac_mean'))}")
-        lines.append(f"    pixel PDF    {_pct(c.get('pdf_frac_max'))} / {_pct(c.get('pdf_frac_mean'))}")
+        for key, label in (("cl", "C_ell"), ("peaks", "peak counts"), ("pdf", "pixel PDF")):
+            lines.append(f"    {label:<12} {_error_line(c, key)}")
         v = s.get("validate") or {}
         if v.get("pass") is not None:
             note = " (fewer than 1,000 maps per set: noise-limited)" if v.get("noise_limited") else ""

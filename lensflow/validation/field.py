@@ -30,10 +30,10 @@ def field_check(options: Any, reference: MapStore, indices: np.ndarray, device: 
     """
     if options.emulator is None:
         return None
-    import lensflow
+    from lensflow.emulator import Emulator
 
     truth = StoreTruth(reference.meta, f"reference {reference.path}")
-    emulator = lensflow.load(options.emulator, device=device)
+    emulator = Emulator.load(options.emulator, device=device)
     idx = np.asarray(indices)[: options.max_maps]
     maps = reference.read(idx)
     params = reference.read_params(idx) if truth.param_names else None

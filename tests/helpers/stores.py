@@ -67,29 +67,30 @@ def train_tiny(
     trainer_kwargs: Mapping[str, Any] | None = None,
     batch_size: int = 16,
     steps: int = 3,
-    map_meta: bool = True,
 ) -> tuple[Any, Any]:
     """A tiny GlowModule trained ``steps`` steps on ``store`` by a Lightning Trainer: (module, trainer).
 
-    The module describes its maps by ``dm.map_meta()`` (the lensflow 0.1 dict, whose models take the 0.1 model
-    defaults) or, with ``map_meta=False``, by the store's ``meta``, ``npix`` and ``store`` as
-    :mod:`lensflow.train` builds it."""
+    Built as :mod:`lensflow.train` builds it (the store's ``meta``, ``npix`` and path; normalisation and training
+    box fitted on the training split); the default model is 2 levels x 2 steps x 16 hidden without the stationary
+    Gaussian layer (fast)."""
     import lightning as L
 
-    from lensflow.data import KappaDataModule
-    from lensflow.module import GlowModule
+    from lensflow.training import GlowModule, KappaDataModule
 
     dm = KappaDataModule(store, batch_size=batch_size, num_workers=0, cond=list(cond) or None)
     kwargs = {"check": {"every": 0, "final": False}, "seed": 3, **dict(module_kwargs or {})}
-    maps = {"map_meta": dm.map_meta()} if map_meta else {"meta": dm.meta, "npix": dm.npix, "store": dm.store_path}
     module = GlowModule(
-        model=dict(model or {"levels": 2, "steps": 2, "hidden": 16}),
+        model=dict(model or {"levels": 2, "steps": 2, "hidden": 16, "stationary": False}),
         param_names=dm.param_names,
-        **maps,
+        meta=dm.meta,
+        npix=dm.npix,
+        store=dm.store_path,
         **kwargs,
     )
-    mean, std = dm.cond_stats()
-    module.fit_normalization(dm.normalization_maps(), mean, std)
+    mean, std = dm.cond_stats(log=module.model.cond_log)
+    module.model.fit_normalization(
+        dm.normalization_maps(), mean, std, params=dm.normalization_params(), box=dm.cond_box()
+    )
     trainer = L.Trainer(
         **{
             "max_steps": steps,
@@ -120,9 +121,9 @@ def tiny_checkpoint(
     module, trainer = train_tiny(store, cond=cond)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for p in module.glow_ema.parameters():
+        for p in module.model.glow_ema.parameters():
             p.add_(perturb * torch.randn(p.shape, generator=g))
-    module.glow_ema.clear_cache()
+    module.model.glow_ema.clear_cache()
     ckpt = tmp / f"{name}.ckpt"
     trainer.save_checkpoint(ckpt)
     return ckpt
