@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lensflow._util.devices import resolve_devices
+from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
 from lensflow.checkpoint import read_checkpoint_hashed
 from lensflow.conditioning import condition_grid
@@ -39,6 +40,13 @@ def generate(cfg: Any) -> Path:
     ckpt, sha256 = read_checkpoint_hashed(request.ckpt)  # one-line ValueError for foreign files
     module = GlowModule.from_checkpoint(ckpt, request.ckpt)
     plan = Plan.of(request, sha256, module.param_names, condition_grid(request.cond, module.param_names))
+    # One run per output for the job's life: a second one is refused (the kernel frees the lock of a killed run,
+    # whose parts the next run resumes).
+    with target_lock(plan.out):
+        return _generate(request, plan, module, ckpt, device)
+
+
+def _generate(request: GenerationRequest, plan: Plan, module: Any, ckpt: Any, device: Any) -> Path:
     if job_mod.out_exists(plan.out) and not request.overwrite:
         if job_mod.already_complete(plan, request.format):
             job_mod.remove_work_folder(plan)
@@ -59,11 +67,10 @@ def generate(cfg: Any) -> Path:
     job_mod.remove_work_folder(plan)
     rate = written / elapsed if elapsed > 0 and written else float("nan")
     log.info(
-        "wrote %d mock maps to %s (%d generated in this run at %.1f maps/s on %d %s device(s); %d non-finite "
-        "redraw(s))",
+        "generated %d of the %d maps of %s in this run at %.1f maps/s on %d %s device(s); %d non-finite redraw(s)",
+        written,
         plan.n_total,
         plan.out,
-        written,
         rate,
         device[1],
         device[0],
