@@ -132,6 +132,7 @@ def _trainer_kwargs(t: Mapping[str, Any]) -> dict[str, Any]:
     import torch
 
     out = dict(t)
+    check_trainer_keys(out)
     if isinstance(out.get("strategy"), Mapping):
         import hydra
 
@@ -146,6 +147,22 @@ def _trainer_kwargs(t: Mapping[str, Any]) -> dict[str, Any]:
     if acc in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator={acc} but no CUDA GPU is visible; use trainer=cpu or ddp_cpu")
     return out
+
+
+def check_trainer_keys(t: Mapping[str, Any]) -> None:
+    """Refuse (one line, naming the nearest valid one) a ``trainer.KEY`` that ``lightning.Trainer`` does not take:
+    ``+trainer.max_step=5`` would otherwise end in a ``TypeError`` deep in Lightning."""
+    import difflib
+    import inspect
+
+    import lightning as L
+
+    valid = [k for k in inspect.signature(L.Trainer.__init__).parameters if k != "self"]
+    for key in t:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f" (did you mean trainer.{near[0]}?)" if near else ""
+            raise ValueError(f"trainer.{key}: not an argument of lightning.Trainer{hint}")
 
 
 @contextlib.contextmanager
