@@ -12,6 +12,8 @@ The work is :func:`lensflow.generation.generate`; the names below are re-exporte
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lensflow import cli
 from lensflow.generation import (
     GenerationError,
@@ -34,7 +36,23 @@ __all__ = [
     "stream_seed",
 ]
 
-main = cli.command("generate", generate, open_nodes=("cond",))
+
+def _wrote(out: Path) -> str:
+    """The result line on stdout: ``wrote N mock maps to OUT``."""
+    import json
+
+    from lensflow.generation.job import sidecar
+    from lensflow.mapstore import open_store
+
+    if sidecar(out).is_file():  # FITS output: its provenance sidecar counts the maps
+        n = json.loads(sidecar(out).read_text())["n_maps"]
+    else:
+        with open_store(out) as st:
+            n = len(st)
+    return f"wrote {n} mock maps to {out}"
+
+
+main = cli.command("generate", generate, open_nodes=("cond",), render=_wrote)
 
 if __name__ == "__main__":
     main()

@@ -63,7 +63,17 @@ def _exit_code(summary: dict[str, Any]) -> int:
     return 0 if summary["pass"] else 1
 
 
-main = cli.command("validate", validate, result_code=_exit_code, open_nodes=("select",))
+def _verdict(summary: dict[str, Any]) -> str:
+    """The verdict lines (stdout: ``validate ... | grep PASS``)."""
+    from pathlib import Path
+
+    from lensflow.report.text import verdict_lines
+    from lensflow.validation.statsfile import REPORT_FILE
+
+    return verdict_lines(summary, Path(summary["out"]) / REPORT_FILE)
+
+
+main = cli.command("validate", validate, result_code=_exit_code, open_nodes=("select",), render=_verdict)
 
 
 def _select_overrides(args: list[str]) -> list[str]:
