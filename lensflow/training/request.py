@@ -11,6 +11,7 @@ import contextlib
 import copy
 import fcntl
 import os
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -157,12 +158,27 @@ def check_trainer_keys(t: Mapping[str, Any]) -> None:
 
     import lightning as L
 
-    valid = [k for k in inspect.signature(L.Trainer.__init__).parameters if k != "self"]
-    for key in t:
+    params = inspect.signature(L.Trainer.__init__).parameters
+    valid = [k for k in params if k != "self"]
+    for key, value in t.items():
         if key not in valid:
             near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
             hint = f" (did you mean trainer.{near[0]}?)" if near else ""
             raise ValueError(f"trainer.{key}: not an argument of lightning.Trainer{hint}")
+        # plain-typed arguments (int, bool, float, their Optional) checked here, not after the data is simulated
+        ann = params[key].annotation
+        kinds = tuple(a for a in typing.get_args(ann) if a is not type(None)) if typing.get_origin(ann) else (ann,)
+        if value is None and type(None) in typing.get_args(ann):
+            continue
+        if kinds and all(k in (int, float, bool) for k in kinds):
+            ok = (
+                isinstance(value, bool)
+                if kinds == (bool,)
+                else isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
+            )
+            if not ok:
+                names = " or ".join(k.__name__ for k in kinds)
+                raise ValueError(f"trainer.{key} must be {names}, got {value!r}")
 
 
 @contextlib.contextmanager
