@@ -286,9 +286,7 @@ def test_cli_typo_is_one_line_and_exit_code_2(tmp_path):
         timeout=300,
     )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        "error: config: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
-    ]
+    assert r.stderr.strip().splitlines() == ["error: config: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"]
 
 
 @pytest.mark.slow
