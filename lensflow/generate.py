@@ -12,8 +12,6 @@ The work is :func:`lensflow.generation.generate`; the names below are re-exporte
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lensflow import cli
 from lensflow.generation import (
     GenerationError,
@@ -24,6 +22,7 @@ from lensflow.generation import (
     sample_maps,
     stream_seed,
 )
+from lensflow.generation.run import written_line
 
 __all__ = [
     "GenerationError",
@@ -37,22 +36,7 @@ __all__ = [
 ]
 
 
-def _wrote(out: Path) -> str:
-    """The result line on stdout: ``wrote N mock maps to OUT``."""
-    import json
-
-    from lensflow.generation.job import sidecar
-    from lensflow.mapstore import open_store
-
-    if sidecar(out).is_file():  # FITS output: its provenance sidecar counts the maps
-        n = json.loads(sidecar(out).read_text())["n_maps"]
-    else:
-        with open_store(out) as st:
-            n = len(st)
-    return f"wrote {n} mock maps to {out}"
-
-
-main = cli.command("generate", generate, open_nodes=("cond",), render=_wrote)
+main = cli.command("generate", generate, open_nodes=("cond",), render=written_line)
 
 if __name__ == "__main__":
     main()

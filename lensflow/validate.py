@@ -2,7 +2,7 @@
 
 The command (config ``conf/validate.yaml``): :func:`lensflow.validation.validate` behind
 :func:`lensflow.cli.command`. Exit code 0 when every statistic and the memorisation check pass, 1 when
-one fails, 2 on bad input (one line ``error: ...`` on stderr). The verdict is logged on stderr.
+one fails, 2 on bad input (one line ``error: ...`` on stderr). The verdict is printed on stdout, warnings on stderr.
 
 The old names of this module (the measurement, the stats file, figures, HTML, notebook) are
 re-exported from :mod:`lensflow.validation`; the figure, HTML and notebook names resolve lazily from
@@ -23,7 +23,7 @@ from lensflow.validation.measure import (
     statistics_of,
     summary_config_for,
 )
-from lensflow.validation.run import validate
+from lensflow.validation.run import validate, verdict_text
 from lensflow.validation.statsfile import load_report, read_stats, write_stats
 
 __all__ = [
@@ -63,17 +63,7 @@ def _exit_code(summary: dict[str, Any]) -> int:
     return 0 if summary["pass"] else 1
 
 
-def _verdict(summary: dict[str, Any]) -> str:
-    """The verdict lines (stdout: ``validate ... | grep PASS``)."""
-    from pathlib import Path
-
-    from lensflow.report.text import verdict_lines
-    from lensflow.validation.statsfile import REPORT_FILE
-
-    return verdict_lines(summary, Path(summary["out"]) / REPORT_FILE)
-
-
-main = cli.command("validate", validate, result_code=_exit_code, open_nodes=("select",), render=_verdict)
+main = cli.command("validate", validate, result_code=_exit_code, open_nodes=("select",), render=verdict_text)
 
 
 def _select_overrides(args: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from lensflow.generation import job as job_mod
 from lensflow.generation.job import GenerationRequest, Plan
 from lensflow.generation.workers import Work, run_batches
 
-__all__ = ["generate"]
+__all__ = ["generate", "written_line"]
 
 log = get_logger(__name__)
 
@@ -77,3 +77,17 @@ def _generate(request: GenerationRequest, plan: Plan, module: Any, ckpt: Any, de
         len(redrawn),
     )
     return plan.out
+
+
+def written_line(out: Path) -> str:
+    """The command's result on stdout: ``wrote N mock maps to OUT`` (N read back from the output)."""
+    import json
+
+    from lensflow.mapstore import open_store
+
+    if job_mod.sidecar(out).is_file():  # FITS output: its provenance sidecar counts the maps
+        n = json.loads(job_mod.sidecar(out).read_text())["n_maps"]
+    else:
+        with open_store(out) as st:
+            n = len(st)
+    return f"wrote {n} mock maps to {out}"

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from lensflow.validation.statsfile import (
     write_summary,
 )
 
-__all__ = ["validate"]
+__all__ = ["validate", "verdict_text"]
 
 log = get_logger(__name__)
 
@@ -199,3 +200,8 @@ def _run_notebook(vc: ValidationConfig, summary: dict[str, Any]) -> None:
         )
         log.warning("warning: %s", summary["warnings"][-1])
     write_summary(vc.out, summary)
+
+
+def verdict_text(summary: dict[str, Any]) -> str:
+    """The command's result on stdout (``validate ... | grep PASS``): the verdict lines of a summary."""
+    return verdict_lines(summary, Path(summary["out"]) / REPORT_FILE)
