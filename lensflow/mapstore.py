@@ -35,6 +35,7 @@ import errno
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,20 @@ log = get_logger(__name__)
 #: open, unreferenced by nothing else, until the process ends; :func:`hdf5_broken` tells the command wrapper to
 #: end with ``os._exit`` (which skips HDF5's own crashing clean-up) after its error line.
 _BROKEN: list[Any] = []
+
+
+def _park(f: Any) -> None:
+    """Keep ``f`` (an h5py file HDF5 failed to write) open until the process ends, and silence the errors h5py
+    reports, as "Exception ignored", when its datasets are freed: the command's one error line says it all."""
+    if not _BROKEN:
+        previous = sys.unraisablehook
+
+        def hook(u: Any) -> None:
+            if "h5py" not in str(u.object):
+                previous(u)
+
+        sys.unraisablehook = hook
+    _BROKEN.append(f)
 
 
 def hdf5_broken() -> bool:
@@ -333,7 +348,7 @@ class MapStoreWriter:
         """The one-line error to raise for a failed write. A file HDF5 itself failed to write is parked (see
         :data:`_BROKEN`); one whose write failed above HDF5 (HDF5 saw nothing) is left to :meth:`abort`."""
         if self._file is not None and ("write failed" in str(e) or "Driver write" in str(e)):
-            _BROKEN.append(self._file)
+            _park(self._file)
             self._file = None
         code = getattr(e, "errno", None) or errno.EIO
         return OSError(code, f"{self.path}: writing failed: {os.strerror(code)}; nothing was written under this name")

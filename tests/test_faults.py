@@ -261,6 +261,31 @@ def test_full_disk_is_one_line_not_a_crash(tmp_path):
         assert list(m.iterdir()) == []
 
 
+def test_full_disk_met_inside_hdf5_still_ends_with_one_line(tmp_path):
+    """defect 2, the fallback: with the free-space guard off, HDF5 itself meets the full disk; the file it cannot
+    close is parked and the command ends right after its error line (exit 2, never 139; HDF5's own messages about
+    the freed datasets may precede it), with no temporary left."""
+    script = (
+        "import sys, lensflow._util.atomic as A\n"
+        "A.SPACE_MARGIN = -(1 << 40)\n"
+        "import lensflow.simulate as S\n"
+        "sys.argv = ['simulate', *sys.argv[1:]]\n"
+        "S.main()\n"
+    )
+    with tmpfs(tmp_path / "m", "64k") as m:
+        r = subprocess.run(
+            [sys.executable, "-c", script, *SIM, "n_maps=400", f"out={m / 's.h5'}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert err[-1].startswith("error: ") and "No space left on device" in err[-1], err[-3:]
+        assert sum(line.startswith("error:") for line in err) == 1
+        assert list(m.iterdir()) == []
+
+
 def test_checkpoint_on_a_full_disk_leaves_the_previous_one_loadable(tmp_path):
     """defect 3: a checkpoint write that runs out of space leaves the previous file whole (Lightning's own IO
     copies a temporary from /tmp over it and leaves it truncated)."""
