@@ -91,16 +91,69 @@ def config_error(e: BaseException) -> str:
     return msg.strip()
 
 
-def precheck(config_name: str, overrides: list[str]) -> None:
-    """Compose the config once before Hydra runs, so typos give one ``error:`` line and exit code 2."""
+def precheck(config_name: str, overrides: list[str], open_nodes: Sequence[str] = ()) -> None:
+    """Compose the config once before Hydra runs, so typos give one ``error:`` line and exit code 2.
+
+    An override of a key the config lacks is refused, with or without ``+``/``++`` (Hydra would add it, and the
+    job would ignore it), naming the nearest valid key; keys under ``open_nodes`` (``cond``, ``select``) are the
+    user's to add, and the job checks them.
+    """
     if any(a.startswith("-") for a in overrides):
         return  # --help, --cfg, --multirun, ...: leave them to Hydra
+    import re
+
     from hydra.errors import HydraException
 
     try:
-        compose(config_name, overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        _error(f"config: {config_error(e)}")
+        msg = config_error(e)
+        m = re.match(r"Could not override '([^']+)'\. To append to your config use \+", msg)
+        if m:  # a plain key=value typo: Hydra's hint (+key=value) would add a key nothing reads
+            msg = unknown_key_message(m.group(1), _keys_without(config_name, overrides, m.group(1)))
+        _error(f"config: {msg}")
+        sys.exit(2)
+    check_run_dir(cfg)
+    groups = _conf_groups()
+    added = [(p, k) for p, k in filter(None, map(_override_key, overrides)) if p]
+    added = [
+        (p, k)
+        for p, k in added
+        if k.split(".")[0] not in (*open_nodes, *_ALWAYS_OPEN) and k.replace(".", "/") not in groups
+    ]
+    if not added:
+        return
+    base = compose(config_name, [a for a in overrides if not (_override_key(a) or ("", ""))[0]])
+    keys = config_keys(base)
+    for _, key in added:
+        if key not in keys:
+            _error(f"config: {unknown_key_message(key, keys)}")
+            sys.exit(2)
+
+
+def _keys_without(config_name: str, overrides: list[str], key: str) -> list[str]:
+    """The keys of the config composed without the overrides of ``key`` (for a nearest-key hint)."""
+    rest = [a for a in overrides if (_override_key(a) or ("", ""))[1] != key]
+    try:
+        return config_keys(compose(config_name, rest))
+    except Exception:  # noqa: BLE001 - another bad override: hint from the defaults
+        return config_keys(compose(config_name))
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Refuse (one line, exit 2) a Hydra run folder that cannot be created (``train``'s ``paths.output_dir`` on a
+    read-only or missing mount), before Hydra tries and prints a traceback."""
+    from omegaconf import OmegaConf
+
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
+    if not run_dir or run_dir == ".":
+        return
+    from lensflow._util.lock import check_writable
+
+    try:
+        check_writable(str(run_dir), what="hydra.run.dir (paths.output_dir)", folder=True)
+    except OSError as e:
+        _error(os_error_line(e))
         sys.exit(2)
 
 
@@ -122,7 +175,7 @@ def exit_code_of(e: BaseException, exit_codes: Mapping[type[BaseException], int]
     code = getattr(e, "exit_code", None)
     if isinstance(code, int):
         return code
-    if isinstance(e, BAD_INPUT):
+    if isinstance(e, (*BAD_INPUT, OSError)):  # an OS error on an input or output (full disk, read-only folder)
         return 2
     try:  # Lightning refuses bad trainer settings with its own exception type
         from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -141,8 +194,112 @@ def report_failure(e: BaseException, codes: Mapping[type[BaseException], int]) -
         traceback.print_exc()
         _error(f"internal error: {type(e).__name__}: {one_line(e)}")
         return 2
-    _error(one_line(e))
+    _error(os_error_line(e) if isinstance(e, OSError) else one_line(e))
     return code
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error as one line naming its path: ``<path>: No space left on device``."""
+    if e.filename is not None and e.errno:
+        two = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{two}: {os.strerror(e.errno)}"
+    if e.strerror and e.errno and len(e.args) == 2:
+        return one_line(e.strerror)  # OSError(errno, "path: what went wrong") raised by lensflow
+    return one_line(e)
+
+
+def _exit_now_if_hdf5_broken(code: int) -> None:
+    """End the process at once when a store write failed inside HDF5: its files cannot be closed, and HDF5's
+    clean-up at exit would crash (exit 139) after the error line (see :data:`lensflow.mapstore._BROKEN`)."""
+    mapstore = sys.modules.get("lensflow.mapstore")
+    if mapstore is not None and mapstore.hdf5_broken():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+#: Keys under these top-level nodes are never "unknown" to :func:`precheck`.
+_ALWAYS_OPEN = ("hydra",)
+
+
+def _conf_groups() -> set[str]:
+    """The config groups of ``lensflow.conf`` (folders, as ``a/b``)."""
+    import lensflow.conf
+
+    root = os.path.dirname(lensflow.conf.__file__)
+    out = set()
+    for folder, dirs, _ in os.walk(root):
+        for d in dirs:
+            if not d.startswith(("_", ".")):
+                out.add(os.path.relpath(os.path.join(folder, d), root).replace(os.sep, "/"))
+    return out
+
+
+def group_options(group: str) -> list[str]:
+    """The options (``*.yaml`` names) of config group ``group`` of ``lensflow.conf``, sorted."""
+    import lensflow.conf
+
+    folder = os.path.join(os.path.dirname(lensflow.conf.__file__), *group.split("/"))
+    return sorted(n[: -len(".yaml")] for n in os.listdir(folder) if n.endswith(".yaml"))
+
+
+def _register_resolvers() -> None:
+    """``${lensflow_options:GROUP}``: a group's options, ``a | b | c``, read from its folder (``--help`` texts)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("lensflow_options"):
+        OmegaConf.register_new_resolver("lensflow_options", lambda group: " | ".join(group_options(str(group))))
+
+
+_register_resolvers()
+
+
+def config_keys(cfg: DictConfig) -> list[str]:
+    """Every dotted key of ``cfg`` (nodes and leaves; not ``hydra``)."""
+    from omegaconf import OmegaConf
+
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if not OmegaConf.is_dict(node):
+            return
+        for k in node.keys():
+            key = f"{prefix}{k}"
+            if key in _ALWAYS_OPEN:
+                continue
+            out.append(key)
+            walk(node._get_node(k), f"{key}.")
+
+    walk(cfg, "")
+    return out
+
+
+def nearest_key(key: str, keys: Sequence[str]) -> str | None:
+    """The valid key closest to ``key`` (difflib), or ``None``."""
+    import difflib
+
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    for pool in (siblings, keys):
+        best = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+        if best:
+            return best[0]
+    return None
+
+
+def unknown_key_message(key: str, keys: Sequence[str]) -> str:
+    """``unknown key 'n_map' (did you mean 'n_maps'?)``."""
+    near = nearest_key(key, keys)
+    return f"unknown key {key!r}" + (f" (did you mean {near!r}?)" if near else "")
+
+
+def _override_key(arg: str) -> tuple[str, str] | None:
+    """(``+``/``++``/``""`` prefix, key) of a ``key=value`` override, or ``None`` (deletions, flags)."""
+    if "=" not in arg or arg.startswith(("~", "-")):
+        return None
+    prefix = "++" if arg.startswith("++") else "+" if arg.startswith("+") else ""
+    key = arg[len(prefix) :].split("=", 1)[0].strip()
+    return prefix, key.split("@", 1)[0]
 
 
 def command(
@@ -154,6 +311,7 @@ def command(
     open_nodes: Sequence[str] = (),
     first_word: str | None = None,
     render: Callable[[Any], str | None] | None = None,
+    added_nodes: Sequence[str] = (),
 ) -> Callable[[], None]:
     """A console ``main()`` running ``fn(cfg)`` under Hydra with config ``config_name``.
 
@@ -166,6 +324,8 @@ def command(
         first_word: a bare first argument ``X`` means ``first_word=X`` (``bench stats``).
         render: the console text of the job's result, printed to stdout (``None`` prints nothing); the
             report's text lives in :mod:`lensflow.report`, the printing here.
+        added_nodes: nodes whose added keys (``+trainer.X=v``) the job itself checks (``train``: Lightning's
+            ``Trainer`` arguments); any other unknown key is refused by :func:`precheck`.
     """
     codes = dict(exit_codes or {})
     state: dict[str, int] = {}
@@ -176,6 +336,7 @@ def command(
             result = fn(cfg)
         except BaseException as e:  # noqa: BLE001 - mapped to one line and an exit code by report_failure
             state["code"] = report_failure(e, codes)
+            _exit_now_if_hdf5_broken(state["code"])
             return
         text = render(result) if render is not None else None
         if text:
@@ -190,7 +351,7 @@ def command(
             args[0] = f"{first_word}={args[0]}"
         args = open_node_overrides(args, open_nodes)
         sys.argv = [sys.argv[0], *args]
-        precheck(config_name, args)
+        precheck(config_name, args, (*open_nodes, *added_nodes))
         state.clear()
         entry = hydra.main(config_path="pkg://lensflow.conf", config_name=config_name, version_base="1.3")(run)
         try:

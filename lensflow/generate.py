@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from lensflow import cli
 from lensflow.generation import generate
+from lensflow.generation.run import written_line
 
 __all__ = ["generate", "main"]
 
-main = cli.command("generate", generate, open_nodes=("cond",))
+
+main = cli.command("generate", generate, open_nodes=("cond",), render=written_line)
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ import numpy as np
 
 from lensflow import cli
 from lensflow._util.checks import check_bool, check_choice
+from lensflow._util.lock import target_lock
 from lensflow._util.plain import to_plain
 from lensflow._util.progress import progress
 from lensflow.ingest_files import (
@@ -259,6 +260,11 @@ def _batches(
 def ingest(cfg: IngestJob | Mapping[str, Any]) -> Path:
     """Ingest the configured inputs (``conf/ingest.yaml``) into the map store ``cfg.out``; returns its path."""
     job = cfg if isinstance(cfg, IngestJob) else IngestJob.from_config(cfg)
+    with target_lock(job.out):  # one run per output; stale temporaries of killed runs go
+        return _ingest(job)
+
+
+def _ingest(job: IngestJob) -> Path:
     files = expand_inputs(job.inputs)
     if any(f.resolve() == job.out.resolve() for f in files):
         raise IngestError(f"out: {job.out} is also an input")

@@ -32,9 +32,12 @@ side so that what is written and what is checked on reading cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +47,37 @@ import h5py
 import numpy as np
 
 from lensflow import __version__
-from lensflow._util.atomic import replace_into_place, temp_beside
+from lensflow._util.atomic import ensure_free_space, replace_into_place, temp_beside
+from lensflow._util.lock import target_lock
+from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
+
+log = get_logger(__name__)
+
+#: h5py files whose write failed: HDF5 cannot close them (h5py 3.16 / HDF5 2.0 crash on it), so they are kept
+#: open, unreferenced by nothing else, until the process ends; :func:`hdf5_broken` tells the command wrapper to
+#: end with ``os._exit`` (which skips HDF5's own crashing clean-up) after its error line.
+_BROKEN: list[Any] = []
+
+
+def _park(f: Any) -> None:
+    """Keep ``f`` (an h5py file HDF5 failed to write) open until the process ends, and silence the errors h5py
+    reports, as "Exception ignored", when its datasets are freed: the command's one error line says it all."""
+    if not _BROKEN:
+        previous = sys.unraisablehook
+
+        def hook(u: Any) -> None:
+            if "h5py" not in str(u.object):
+                previous(u)
+
+        sys.unraisablehook = hook
+    _BROKEN.append(f)
+
+
+def hdf5_broken() -> bool:
+    """Whether a store write failed inside HDF5 in this process (see :data:`_BROKEN`)."""
+    return bool(_BROKEN)
+
 
 SCHEMA_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -215,8 +247,20 @@ class MapStoreWriter:
         self._fractions = tuple(fractions)
         self._split_seed = int(split_seed)
         self._n = 0
-        self._tmp = temp_beside(self.path)  # mode 0600 until commit gives it the umask's mode
-        self._file: h5py.File | None = h5py.File(self._tmp, "w")
+        self._overwrite = bool(overwrite)
+        self._file: h5py.File | None = None
+        self._tmp: Path | None = None
+        # One writer per target (a concurrent run is refused in one line); re-entrant for a job holding it.
+        self._lock: contextlib.ExitStack | None = contextlib.ExitStack()
+        self._lock.enter_context(target_lock(self.path))
+        try:
+            if self.path.exists() and not overwrite:  # again, now that no other run can be writing it
+                raise FileExistsError(f"{self.path}: output exists; pass overwrite=true to replace it")
+            self._tmp = temp_beside(self.path)  # mode 0600 until commit gives it the umask's mode
+            self._file = h5py.File(self._tmp, "w")
+        except BaseException:
+            self._release()
+            raise
         c, n = self.channels, self.npix
         P = len(meta.param_names)
         f = self._file
@@ -293,10 +337,23 @@ class MapStoreWriter:
             s = _split_codes(split, B, self.path)
         f = self._file
         lo, hi = self._n, self._n + B
-        for name, arr in (("kappa", k), ("params", p), ("split", s), ("realization", rid)):
-            f[name].resize(hi, axis=0)
-            f[name][lo:hi] = arr
+        ensure_free_space(self.path, k.nbytes + p.nbytes + 9 * B)
+        try:
+            for name, arr in (("kappa", k), ("params", p), ("split", s), ("realization", rid)):
+                f[name].resize(hi, axis=0)
+                f[name][lo:hi] = arr
+        except (OSError, RuntimeError) as e:
+            raise self._broken(e) from None
         self._n = hi
+
+    def _broken(self, e: BaseException) -> OSError:
+        """The one-line error to raise for a failed write. A file HDF5 itself failed to write is parked (see
+        :data:`_BROKEN`); one whose write failed above HDF5 (HDF5 saw nothing) is left to :meth:`abort`."""
+        if self._file is not None and ("write failed" in str(e) or "Driver write" in str(e)):
+            _park(self._file)
+            self._file = None
+        code = getattr(e, "errno", None) or errno.EIO
+        return OSError(code, f"{self.path}: writing failed: {os.strerror(code)}; nothing was written under this name")
 
     def commit(self) -> Path:
         """Finish the file and move it into place atomically; returns the final path."""
@@ -305,20 +362,44 @@ class MapStoreWriter:
         if self._n == 0:
             self.abort()
             raise ValueError(f"{self.path}: no maps were written; refusing to create an empty store")
-        self._file.attrs["n_maps"] = self._n
-        self._file.close()
-        self._file = None
-        replace_into_place(self._tmp, self.path)
+        try:
+            ensure_free_space(self.path)
+            try:
+                self._file.attrs["n_maps"] = self._n
+                self._file.close()
+            except (OSError, RuntimeError) as e:
+                raise self._broken(e) from None
+            self._file = None
+            replace_into_place(self._tmp, self.path, overwrite=self._overwrite)
+        except BaseException:
+            self.abort()
+            raise
+        self._release()
         return self.path
 
     def abort(self) -> None:
-        """Drop everything written; the target path is left as it was."""
-        if self._file is not None:
+        """Drop everything written; the target path is left as it was.
+
+        After a failed write (a full disk) HDF5 still holds unflushed metadata and retries the write on close, and
+        an h5py file that failed to close crashes the interpreter at exit: the temporary is truncated first (which
+        frees the space that flush needs), then closed, then removed.
+        """
+        f, self._file = self._file, None
+        if f is not None and self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(self._tmp, 0)
             try:
-                self._file.close()
-            finally:
-                self._file = None
-        self._tmp.unlink(missing_ok=True)
+                f.close()
+            except Exception as e:  # noqa: BLE001 - the temporary is removed either way
+                log.debug("%s: closing the temporary after an error failed: %s", self.path, e)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()
 
     def __enter__(self) -> MapStoreWriter:
         return self
@@ -331,7 +412,7 @@ class MapStoreWriter:
 
     def __del__(self) -> None:  # a writer dropped without commit leaves no temp file behind
         try:
-            if self._file is not None:
+            if getattr(self, "_file", None) is not None or getattr(self, "_lock", None) is not None:
                 self.abort()
         except Exception:  # noqa: BLE001
             pass

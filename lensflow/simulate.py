@@ -34,6 +34,7 @@ import numpy as np
 from lensflow import cli
 from lensflow._util.checks import check_bool, check_int
 from lensflow._util.hashing import hash_json
+from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
 from lensflow._util.progress import progress
@@ -460,6 +461,11 @@ def simulate(cfg: SimulationJob | Mapping[str, Any]) -> Path:
     simulation leaves no file at ``out`` (the store is written atomically).
     """
     job = cfg if isinstance(cfg, SimulationJob) else SimulationJob.from_config(cfg)
+    with target_lock(job.out):  # one run per output; stale temporaries of killed runs go
+        return _simulate(job)
+
+
+def _simulate(job: SimulationJob) -> Path:
     c = job.spec
     points = _cosmologies(c)
     meta = _store_meta(job, points)
@@ -503,12 +509,10 @@ def ensure_simulated(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
             log.warning("warning: %s is not a valid map store; simulating it again", path)
             path.unlink()
     run = {**CACHE_RUN_DEFAULTS, **{k: plain[k] for k in CACHE_RUN_DEFAULTS if k in plain}}
-    try:
-        simulate(SimulationJob.checked(resolved, {**run, "out": str(path), "overwrite": False}))
-    except (FileExistsError, ValueError):
-        if path.exists():  # another process finished the same simulation first
+    with target_lock(path, wait=True):  # another process simulating the same spec: wait for it, then use its store
+        if path.exists():
             return path
-        raise
+        simulate(SimulationJob.checked(resolved, {**run, "out": str(path), "overwrite": False}))
     return path
 
 

@@ -23,6 +23,7 @@ main = cli.command(
     train,
     exit_codes={TrainingDivergedError: 1, NonFiniteCheckpointError: 1},
     render=train_summary_text,
+    added_nodes=("trainer",),  # +trainer.KEY=v: checked against lightning.Trainer's arguments by the job
 )
 
 if __name__ == "__main__":

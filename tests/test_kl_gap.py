@@ -100,7 +100,7 @@ def test_validate_reports_and_gates_the_field_level_kl_gap(tiny_store, emulator_
     assert summary["low_power"] and "fewer than 200" in summary["low_power"][0]
     assert any("warning: low power" in line for line in res.err)
     strict = run_command(main, *base, f"out={tmp_path / 'b'}", "field.kl_tolerance=1e-9")
-    assert strict.code == 1 and any("field: KL gap" in line for line in strict.err)
+    assert strict.code == 1 and any("field: KL gap" in line for line in strict.out)  # the verdict: stdout
 
 
 def test_validate_field_check_needs_a_simulated_reference(emulator_of_tiny_store, tmp_path, run_command):

@@ -56,7 +56,8 @@ def test_cli_end_to_end_writes_every_output(stores, tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PASS" in proc.stderr
+    assert proc.stdout.startswith("PASS"), proc.stdout  # the verdict is the result: stdout (validate | grep PASS)
+    assert "PASS" not in proc.stderr
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pass"] is True and summary["exit_code"] == 0
@@ -105,7 +106,7 @@ def test_cli_end_to_end_writes_every_output(stores, tmp_path):
 
 def test_copies_of_training_maps_exit_1(stores, tmp_path, run_command):
     out = tmp_path / "copies"
-    code, err = run_command(
+    code, err = res = run_command(
         V.main,
         f"reference={stores / 'sims.h5'}",
         f"candidate={stores / 'copies.h5'}",
@@ -118,7 +119,7 @@ def test_copies_of_training_maps_exit_1(stores, tmp_path, run_command):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verdicts"]["memorization"] is False
     assert summary["memorization"]["near_fraction_candidate"] == 1.0
-    assert "FAIL" in "\n".join(err)
+    assert res.out[0].startswith("FAIL") and "FAIL" not in "\n".join(err)  # the verdict goes to stdout
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ through :func:`atomic_path`, which gives the final file the mode a plain ``open(
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +24,8 @@ __all__ = [
     "atomic_path",
     "default_dir_mode",
     "default_mode",
+    "ensure_free_space",
+    "fsync_path",
     "replace_into_place",
     "temp_beside",
     "write_json",
@@ -45,10 +49,76 @@ def default_dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def replace_into_place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Give ``tmp`` the umask's mode and rename it onto ``path`` (atomic on one filesystem)."""
+def replace_into_place(tmp: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Give ``tmp`` the umask's mode, flush it to disk and rename it onto ``path`` (atomic on one filesystem).
+
+    With ``overwrite`` false the last step never clobbers: ``tmp`` is hard-linked to ``path`` (which fails when
+    ``path`` appeared meanwhile, e.g. from a concurrent run) and then unlinked; ``FileExistsError`` leaves ``tmp``
+    for the caller to remove. Filesystems without hard links fall back to a check and a rename.
+    """
     os.chmod(tmp, default_mode())
-    os.replace(tmp, path)
+    fsync_path(tmp)
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{path}: appeared while this run wrote it (another run?); left it as it is"
+            ) from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path}: appeared while this run wrote it (another run?); left it") from None
+            os.replace(tmp, path)
+        else:
+            os.unlink(tmp)
+    try:  # the rename is done and the file complete: a folder that cannot sync is worth a warning, no more
+        fsync_path(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        logging.getLogger(__name__).warning("warning: %s", e)
+
+
+#: Free space a writer keeps in hand beyond what it is about to write [bytes]. HDF5 flushes its chunk cache and
+#: metadata at close, and an HDF5 file whose write failed cannot be closed (h5py 3.16 / HDF5 2.0 crash the
+#: interpreter), so writers refuse before the disk is full rather than let HDF5 hit it.
+SPACE_MARGIN = 4 << 20
+
+
+def ensure_free_space(path: str | os.PathLike, nbytes: int = 0) -> None:
+    """Raise ``OSError(ENOSPC)`` (one line naming ``path``) unless its folder has ``nbytes`` + :data:`SPACE_MARGIN`
+    bytes free for this user."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    need = int(nbytes) + SPACE_MARGIN
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"{path}: No space left on device ({free / 2**20:.1f} MiB free in {folder}, "
+            f"{need / 2**20:.1f} MiB needed); nothing was written under the final name",
+        )
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a file or folder by path (a folder: so a rename in it survives a crash); errors of filesystems
+    that cannot sync folders are ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from None  # one line naming the file
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -64,7 +134,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str 
     tmp = temp_beside(path, overwrite=overwrite, suffix=suffix)
     try:
         yield tmp
-        replace_into_place(tmp, path)
+        replace_into_place(tmp, path, overwrite=overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -227,7 +227,8 @@ def prepare_parts(plan: Plan, overwrite: bool) -> int:
             old = json.loads(job_file.read_text())
         except (OSError, json.JSONDecodeError):
             pass
-        if _identity(old) != _identity(plan.job):
+        unstarted = old is None and not any(parts.glob("part-*.h5"))
+        if _identity(old) != _identity(plan.job) and not unstarted:
             if not overwrite:
                 new = _identity(plan.job) or {}
                 what = (
@@ -241,9 +242,15 @@ def prepare_parts(plan: Plan, overwrite: bool) -> int:
                     "command to finish it, or pass overwrite=true to discard it"
                 )
             shutil.rmtree(parts)
+        elif unstarted:  # a run that died before its job.json was written: nothing to resume
+            shutil.rmtree(parts)
     if not parts.is_dir():
         parts.mkdir(parents=True)
-        write_json(job_file, plan.job, indent=2)
+        try:
+            write_json(job_file, plan.job, indent=2)
+        except BaseException:
+            shutil.rmtree(parts, ignore_errors=True)  # no work folder without its job.json
+            raise
     for stale in parts.glob(".*.tmp"):  # temp files of writers killed mid-batch
         stale.unlink(missing_ok=True)
     return sum(plan.part_path(b).exists() for b in range(plan.n_batches))

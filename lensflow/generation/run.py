@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lensflow._util.devices import resolve_devices
+from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
 from lensflow.checkpoint import read_checkpoint_hashed
 from lensflow.conditioning import condition_grid
@@ -21,7 +22,7 @@ from lensflow.generation.job import GenerationRequest, Plan
 from lensflow.generation.workers import Work, run_batches
 from lensflow.model import KappaFlow
 
-__all__ = ["generate"]
+__all__ = ["generate", "written_line"]
 
 log = get_logger(__name__)
 
@@ -41,6 +42,13 @@ def generate(cfg: Any) -> Path:
     if module.training_box is not None:  # before any file: outside the box the emulator extrapolates
         module.training_box.check(grid, request.allow_extrapolation)
     plan = Plan.of(request, sha256, module.param_names, grid)
+    # One run per output for the job's life: a second one is refused (the kernel frees the lock of a killed run,
+    # whose parts the next run resumes).
+    with target_lock(plan.out):
+        return _generate(request, plan, module, ckpt, device)
+
+
+def _generate(request: GenerationRequest, plan: Plan, module: KappaFlow, ckpt: Any, device: Any) -> Path:
     if job_mod.out_exists(plan.out) and not request.overwrite:
         if job_mod.already_complete(plan, request.format):
             job_mod.remove_work_folder(plan)
@@ -70,14 +78,27 @@ def generate(cfg: Any) -> Path:
     job_mod.remove_work_folder(plan)
     rate = written / elapsed if elapsed > 0 and written else float("nan")
     log.info(
-        "wrote %d mock maps to %s (%d generated in this run at %.1f maps/s on %d %s device(s); %d non-finite "
-        "redraw(s))",
+        "generated %d of the %d maps of %s in this run at %.1f maps/s on %d %s device(s); %d non-finite redraw(s)",
+        written,
         plan.n_total,
         plan.out,
-        written,
         rate,
         device[1],
         device[0],
         len(redrawn),
     )
     return plan.out
+
+
+def written_line(out: Path) -> str:
+    """The command's result on stdout: ``wrote N mock maps to OUT`` (N read back from the output)."""
+    import json
+
+    from lensflow.mapstore import open_store
+
+    if job_mod.sidecar(out).is_file():  # FITS output: its provenance sidecar counts the maps
+        n = json.loads(job_mod.sidecar(out).read_text())["n_maps"]
+    else:
+        with open_store(out) as st:
+            n = len(st)
+    return f"wrote {n} mock maps to {out}"

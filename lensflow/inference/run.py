@@ -22,6 +22,7 @@ import numpy as np
 
 from lensflow._util.atomic import write_json, write_text
 from lensflow._util.checks import check_bool, check_choice, check_int, check_optional_int
+from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
 from lensflow.emulator import Emulator
@@ -282,8 +283,13 @@ def infer(cfg: Any) -> dict[str, Any]:
 
     Writes ``out/posterior.json``, corner plots and ``out/index.html``; returns the summary.
     """
-    t_start = time.time()
     req = cfg if isinstance(cfg, InferRequest) else InferRequest.from_config(cfg)
+    with target_lock(req.out):  # one run per output folder at a time
+        return _infer(req)
+
+
+def _infer(req: InferRequest) -> dict[str, Any]:
+    t_start = time.time()
     if (req.out / "posterior.json").exists() and not req.overwrite:
         raise FileExistsError(f"out: {req.out} already holds a posterior; pass overwrite=true to replace it")
     emu = _load_emulator(req)

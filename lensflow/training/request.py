@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -131,6 +132,7 @@ def _trainer_kwargs(t: Mapping[str, Any]) -> dict[str, Any]:
     import torch
 
     out = dict(t)
+    check_trainer_keys(out)
     if isinstance(out.get("strategy"), Mapping):
         import hydra
 
@@ -145,6 +147,37 @@ def _trainer_kwargs(t: Mapping[str, Any]) -> dict[str, Any]:
     if acc in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator={acc} but no CUDA GPU is visible; use trainer=cpu or ddp_cpu")
     return out
+
+
+def check_trainer_keys(t: Mapping[str, Any]) -> None:
+    """Refuse (one line, naming the nearest valid one) a ``trainer.KEY`` that ``lightning.Trainer`` does not take:
+    ``+trainer.max_step=5`` would otherwise end in a ``TypeError`` deep in Lightning."""
+    import difflib
+    import inspect
+
+    import lightning as L
+
+    params = inspect.signature(L.Trainer.__init__).parameters
+    valid = [k for k in params if k != "self"]
+    for key, value in t.items():
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f" (did you mean trainer.{near[0]}?)" if near else ""
+            raise ValueError(f"trainer.{key}: not an argument of lightning.Trainer{hint}")
+        # plain-typed arguments (int, bool, float, their Optional) checked here, not after the data is simulated
+        ann = params[key].annotation
+        kinds = tuple(a for a in typing.get_args(ann) if a is not type(None)) if typing.get_origin(ann) else (ann,)
+        if value is None and type(None) in typing.get_args(ann):
+            continue
+        if kinds and all(k in (int, float, bool) for k in kinds):
+            ok = (
+                isinstance(value, bool)
+                if kinds == (bool,)
+                else isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
+            )
+            if not ok:
+                names = " or ".join(k.__name__ for k in kinds)
+                raise ValueError(f"trainer.{key} must be {names}, got {value!r}")
 
 
 @contextlib.contextmanager

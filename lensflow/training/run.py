@@ -29,6 +29,7 @@ from lensflow.mapstore import write_store
 from lensflow.model import KappaFlow
 from lensflow.provenance import provenance
 from lensflow.training.callbacks import Callbacks, make_callbacks
+from lensflow.training.checkpoint_io import AtomicCheckpointIO
 from lensflow.training.checks import full_verdict, sample_check
 from lensflow.training.data import KappaDataModule
 from lensflow.training.glow_module import GlowModule
@@ -139,6 +140,7 @@ def _fit(
             callbacks=[*cbs.all, *extra],
             default_root_dir=str(req.run_dir),
             use_distributed_sampler=False,
+            plugins=[AtomicCheckpointIO()],  # a full disk never leaves a truncated checkpoint under its name
         )
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     return trainer

@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lensflow._util.atomic import write_text
+from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
 from lensflow._util.progress import progress
 from lensflow._util.seeds import child_ints
@@ -42,7 +44,7 @@ from lensflow.validation.statsfile import (
     write_summary,
 )
 
-__all__ = ["validate"]
+__all__ = ["validate", "verdict_text"]
 
 log = get_logger(__name__)
 
@@ -56,7 +58,10 @@ def _select(vc: ValidationConfig, ref: MapStore, cand: MapStore, seeds: list[int
         for (what, (st, split)), s in zip(sets.items(), seeds, strict=True)
     }
     if sel.reference.resolve() == sel.candidate.resolve() and np.intersect1d(*idx.values()).size:
-        warnings.append("reference and candidate share maps (same store, overlapping splits)")
+        warnings.append(
+            f"reference and candidate share {np.intersect1d(*idx.values()).size} maps (same store, overlapping "
+            "splits): the verdict compares maps with themselves"
+        )
     for what, (st, split) in sets.items():
         n_sets = 1 if sel.select else measure.parameter_sets(st, split)
         if n_sets > 1:
@@ -97,6 +102,8 @@ def _measure(vc: ValidationConfig, ref: MapStore, cand: MapStore, warnings: list
         show_progress=vc.progress,
         warnings=warnings,
     )
+    if mem.get("status") == "skipped" and vc.memorization.enabled is not False:
+        warnings.append(f"memorization check {mem.get('note', 'skipped')}")
     inputs = {
         "reference": measure.store_record(ref, split, idx["reference"]),
         "candidate": measure.store_record(cand, vc.selection.candidate_split, idx["candidate"]),
@@ -135,8 +142,13 @@ def validate(cfg: Any) -> dict[str, Any]:
     Returns the summary (as written to ``summary.json``) with ``pass`` and ``out`` (the output folder).
     Raises ``ValueError`` (one line naming the argument or file) on bad input, before any work.
     """
-    t_start = time.time()
     vc = load_config(cfg)
+    with target_lock(vc.out):  # one validation per output folder at a time
+        return _validate(vc)
+
+
+def _validate(vc: ValidationConfig) -> dict[str, Any]:
+    t_start = time.time()
     if (vc.out / SUMMARY_FILE).exists() and not vc.overwrite:
         raise FileExistsError(f"out: {vc.out} already holds a validation; pass overwrite=true to replace it")
     if vc.notebook.execute:
@@ -169,7 +181,9 @@ def validate(cfg: Any) -> dict[str, Any]:
     write_text(vc.out / REPORT_FILE, render_html(summary, vc.out))
     if vc.notebook.execute:
         _run_notebook(vc, summary)
-    log.info(verdict_lines(summary, vc.out / REPORT_FILE))
+    for w in summary["warnings"]:  # every warning of summary.json also on the console
+        log.warning("warning: %s", w)
+    log.debug(verdict_lines(summary, vc.out / REPORT_FILE))  # the command prints it on stdout
     summary["out"] = str(vc.out)
     return summary
 
@@ -186,3 +200,8 @@ def _run_notebook(vc: ValidationConfig, summary: dict[str, Any]) -> None:
         )
         log.warning("warning: %s", summary["warnings"][-1])
     write_summary(vc.out, summary)
+
+
+def verdict_text(summary: dict[str, Any]) -> str:
+    """The command's result on stdout (``validate ... | grep PASS``): the verdict lines of a summary."""
+    return verdict_lines(summary, Path(summary["out"]) / REPORT_FILE)

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 import lensflow
-from lensflow._util.atomic import atomic_path, write_json
+from lensflow._util.atomic import atomic_path, ensure_free_space, write_json
 from lensflow._util.plain import to_plain
 from lensflow.compare import summary_rows
 from lensflow.provenance import provenance
@@ -87,6 +87,9 @@ def write_stats(
     distances (κ units). Root attrs: ``schema`` and JSON ``summary_config``, ``reference``,
     ``candidate``. Not a map store: it holds statistics, not κ maps.
     """
+    # HDF5 cannot close a file whose write failed (the interpreter crashes): refuse a full disk before writing
+    groups = (reference, candidate, bins, edges, indices or {}, distances or {})
+    ensure_free_space(path, sum(np.asarray(v).nbytes for g in groups for v in g.values() if not isinstance(v, Mapping)))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema"] = SCHEMA
         for k, v in attrs.items():
