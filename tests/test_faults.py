@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import random
 import signal
@@ -560,17 +561,19 @@ KILLS = [
     pytest.param("generate", 0, id="generate-0"),
     *(
         pytest.param(c, s, marks=[pytest.mark.slow, full_only], id=f"{c}-{s}")
-        for c in ("simulate", "generate", "ingest", "train")
+        for c in ("simulate", "generate", "ingest", "train", "validate")
         for s in (1, 2, 3)
     ),
 ]
 
 
 @pytest.mark.parametrize(("command", "seed"), KILLS)
-def test_sigkill_then_rerun(command, seed, tiny_checkpoint, train_data, tmp_path, run_command):
+def test_sigkill_then_rerun(command, seed, tiny_checkpoint, tiny_store, train_data, tmp_path, run_command):
     """SIGKILL at a seeded random moment: nothing truncated under a final name, and the rerun finishes."""
     out = tmp_path / "o.h5"
+    report = tmp_path / "v"
     big = {
+        "validate": (lensflow.validate.main, [f"reference={tiny_store}", f"candidate={tiny_store}", f"out={report}"]),
         "simulate": (lensflow.simulate.main, [*SIM, "n_maps=3000", f"out={out}"]),
         "generate": (lensflow.generate.main, gen_args(tiny_checkpoint, out, 120)),
         "ingest": (lensflow.ingest.main, ingest_args(npy_inputs(tmp_path / "in", 400), out)),
@@ -583,6 +586,13 @@ def test_sigkill_then_rerun(command, seed, tiny_checkpoint, train_data, tmp_path
     if out.exists():
         with open_store(out):
             pass  # a store under the final name is whole
+    if command == "validate":  # a report folder is whole (summary.json readable) or the rerun replaces it
+        if (report / "summary.json").exists():
+            json.loads((report / "summary.json").read_text())
+        res = run_command(big[0], *big[1], "overwrite=true")
+        assert res.code in (0, 1), res.err  # a verdict, pass or fail, is a finished run
+        assert not leftovers(tmp_path), leftovers(tmp_path)
+        return
     if command == "train":
         last = next((tmp_path / "run").rglob("last.ckpt"), None)
         extra = [f"ckpt_path={last}"] if last else []
