@@ -1,4 +1,6 @@
-"""Fused numba kernels of CIC painting and readout for CPU tensors (the torch stencil of :mod:`.mesh` is the reference).
+"""Fused numba kernels of CIC painting and readout for CPU tensors.
+
+The torch stencil of :mod:`lensflow.sims.nbody.mesh` is the reference.
 
 On a CPU, the torch stencil materialises 8 index and 8 weight arrays per particle and gathers them with
 int64 indices: memory traffic, not arithmetic, sets its speed (9 s per force at 128³ particles on 2 cores).

@@ -7,7 +7,8 @@ grid (``n³`` cells of side ``L/n``) is δ(k) = FFT(w) · sqrt(P(k)/V_cell), who
 
     x = q + D₁ Ψ₁ + D₂ Ψ₂,   Ψ₁(k) = i k/k² δ(k),   Ψ₂ = the same operator on (3/7) Σ_{i<j} (φ_ii φ_jj − φ_ij²),
 
-with φ_ij = ∂_i∂_j ∇⁻² δ, and the momenta p = a² E (f₁ D₁ Ψ₁ + f₂ D₂ Ψ₂) in the units of :mod:`.background`.
+with φ_ij = ∂_i∂_j ∇⁻² δ, and the momenta p = a² E (f₁ D₁ Ψ₁ + f₂ D₂ Ψ₂) in the units of
+:mod:`lensflow.sims.nbody.background`.
 The exact ``i k`` is used here (the displacement is a smooth field); the k = 0 and Nyquist planes carry no
 displacement.
 """

@@ -1,8 +1,9 @@
 """Flat-sky κ maps from particle-mesh N-body boxes: :class:`NBodySimulator`.
 
-A *box* is one PM run (:mod:`.ic`, :mod:`.pm`): 2LPT initial conditions at ``z_init`` from pyccl's linear
-P(k), ``n_steps`` FastPM kick-drift-kick steps to a = 1 on a force mesh ``mesh_factor`` times finer than the
-particle grid, and the lens planes (:mod:`.lightcone`) painted at their own times as the run passes them. Many
+A *box* is one PM run (:mod:`lensflow.sims.nbody.ic`, :mod:`lensflow.sims.nbody.pm`): 2LPT initial conditions
+at ``z_init`` from pyccl's linear P(k), ``n_steps`` FastPM kick-drift-kick steps to a = 1 on a force mesh
+``mesh_factor`` times finer than the particle grid, and the lens planes (:mod:`lensflow.sims.nbody.lightcone`)
+painted at their own times as the run passes them. Many
 maps are drawn from the planes of one box, each with its own random projection axis, slab, shift and
 orientation per plane (Jain, Seljak & White 2000; LensTools; Petri et al. 2016). Maps of one box share its
 realization id in the map store, so train, validation and test never share a box.
@@ -202,7 +203,8 @@ class NBodySimulator:
 
     # ------------------------------------------------------------------ maps
     def orientations(self, seed: int | Sequence[int], indices: Sequence[int]) -> np.ndarray:
-        """The per-plane draws [len(indices), K, 7] of maps ``indices`` (see :func:`.lightcone.draw_orientations`)."""
+        """The per-plane draws [len(indices), K, 7] of maps ``indices``
+        (see :func:`lensflow.sims.nbody.lightcone.draw_orientations`)."""
         out = []
         for i in indices:
             ss = np.random.SeedSequence([*_seed_list(seed), 1], spawn_key=(int(i),))
