@@ -23,45 +23,18 @@ import sys
 import numpy as np
 import torch
 
+# this folder's script (the script's own directory is on sys.path): the Gaussian part alone, sampled and scored
+from cond_gaussian_part import gaussian_part_log_prob, gaussian_part_sample
+
 from lensflow._util.atomic import write_json
 from lensflow.mapstore import MapStoreWriter, StoreMeta, open_store
 from lensflow.model import KappaFlow
 from lensflow.provenance import provenance
 
 
-def _gaussian_glow(model: KappaFlow):
-    glow = model.glow_ema
-    glow.eval()
-    return glow
-
-
-def gaussian_part_sample(model: KappaFlow, n: int, seed: int, batch: int = 500) -> np.ndarray:
-    """``n`` maps [n, C, H, W] (κ) through the EMA model's crop Gaussian and shifted log alone (no Glow)."""
-    glow = _gaussian_glow(model)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for lo in range(0, n, batch):
-            b = min(batch, n - lo)
-            z = torch.randn(b, *model.map_shape, generator=gen)
-            out.append(glow.preprocess.inverse(glow.stationary.inverse(z, None), None).numpy())
-    return np.concatenate(out)
-
-
-def gaussian_part_log_prob(model: KappaFlow, x: torch.Tensor) -> np.ndarray:
-    """log p (nats per map) of maps under the preprocessing and the crop Gaussian alone, latents standard normal."""
-    glow = _gaussian_glow(model)
-    with torch.no_grad():
-        h, ld = glow.preprocess(x, None)
-        y, ld2 = glow.stationary(h, None)
-        d = y[0].numel()
-        lp = (ld + ld2).double() - 0.5 * (y.double() ** 2).sum((1, 2, 3)) - 0.5 * d * math.log(2 * math.pi)
-    return lp.numpy()
-
-
 def cmd_gaussian_part(a: argparse.Namespace) -> None:
     model = KappaFlow.load(a.ckpt)
-    maps = gaussian_part_sample(model, a.n, a.seed)
+    maps = gaussian_part_sample(model, a.n, None, a.seed)
     meta = StoreMeta(
         pixel_arcmin=model.meta.pixel_arcmin,
         source_redshifts=model.meta.source_redshifts,
@@ -80,8 +53,9 @@ def cmd_bits(a: argparse.Namespace) -> None:
     idx = np.sort(np.random.default_rng(a.seed).choice(len(st), min(a.n, len(st)), replace=False))
     gp, full = [], []
     for lo in range(0, idx.size, 250):
-        x = torch.as_tensor(st.read(idx[lo : lo + 250]))
-        gp.append(gaussian_part_log_prob(model, x))
+        maps = st.read(idx[lo : lo + 250])
+        gp.append(gaussian_part_log_prob(model, maps, None))
+        x = torch.as_tensor(maps)
         with torch.no_grad():
             full.append(model.log_prob(x).double().numpy())
     gp, full = np.concatenate(gp), np.concatenate(full)
