@@ -471,6 +471,13 @@ def _simulate(job: SimulationJob) -> Path:
     meta = _store_meta(job, points)
     split = c["split"]
     n_total = int(c["n_maps"]) * len(points)
+    # An N-body simulator checks its geometry (box, plane mesh, light cone) when built, which is cheap (no box is run
+    # yet): build them all before the store exists, so bad geometry leaves no file behind.
+    built = (
+        [_simulator(c["sim"], cosmo, int(c["npix"]), float(c["pixel_arcmin"])) for _, cosmo in points]
+        if c["sim"]["backend"] == "nbody"
+        else None
+    )
     with (
         MapStoreWriter(
             job.out,
@@ -486,7 +493,7 @@ def _simulate(job: SimulationJob) -> Path:
         rid = 0
         for k, (pvals, cosmo) in enumerate(points):
             bar.set_postfix_str(f"cosmology {k + 1}/{len(points)}: spectra")
-            simulator = _simulator(c["sim"], cosmo, int(c["npix"]), float(c["pixel_arcmin"]))
+            simulator = built[k] if built else _simulator(c["sim"], cosmo, int(c["npix"]), float(c["pixel_arcmin"]))
             bar.set_postfix_str(f"cosmology {k + 1}/{len(points)}")
             stream = c["seed"] if not meta.param_names else [int(c["seed"]), k]
             params = np.asarray(pvals, np.float32)[None] if meta.param_names else None

@@ -192,3 +192,25 @@ def test_mean_cl_against_pyccl_halofit_where_the_mesh_resolves():
     ell, cl = power_spectrum(maps, 6.56, np.array([200.0, 420.0, 700.0, 1650.0]))
     ratio = np.asarray(cl)[:, 0].mean(0) / convergence_cl(np.asarray(ell), COSMO, 1.0)
     assert np.all((ratio[:2] > 0.7) & (ratio[:2] < 1.1)), ratio
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["sim.box_size=60"], "smaller than the field of view"),
+        (["sim.n_particles=16", "sim.plane_mesh=null"], "sim.plane_mesh"),
+        (["sim.z_init=0.8"], "beyond the light cone"),
+        (["sim.n_steps=0"], "sim.n_steps"),
+        (["sim.n_boxes=0"], "sim.n_boxes"),
+    ],
+)
+def test_simulate_refuses_bad_geometry_in_one_line_and_writes_nothing(args, needle, tmp_path, run_command):
+    import lensflow.simulate
+
+    out = tmp_path / "nb.h5"
+    cmd = ["sim=nbody_flat", "n_maps=8", "npix=16", "pixel_arcmin=8", "sim.cosmology.m_nu=0", "progress=false"]
+    code, err = run_command(lensflow.simulate.main, *cmd, "sim.n_particles=32", "sim.n_boxes=2", *args, f"out={out}")
+    errors = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and needle in errors[0], err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

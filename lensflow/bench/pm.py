@@ -101,7 +101,7 @@ def _have_jaxpm() -> bool:
     return True
 
 
-def _best(step: Callable[[], None]) -> float:
+def _time_once(step: Callable[[], None]) -> float:
     t = time.perf_counter()
     step()
     return time.perf_counter() - t
@@ -122,9 +122,9 @@ def _step_rows(c: Mapping[str, Any], device: str) -> list[dict[str, Any]]:
             theirs()  # jit compile
         t_ours, t_theirs = [], []
         for _ in range(int(c["steps"])):
-            t_ours.append(_best(ours))
+            t_ours.append(_time_once(ours))
             if theirs is not None:
-                t_theirs.append(_best(theirs))
+                t_theirs.append(_time_once(theirs))
         v = 1.0 / min(t_ours)
         base = 1.0 / min(t_theirs) if t_theirs else None
         rows.append(

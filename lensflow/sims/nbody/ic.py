@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lensflow.sims.nbody.background import Background
-from lensflow.sims.nbody.mesh import rfft_wavenumbers
+from lensflow.sims.nbody.mesh import inv_laplace_kernel, rfft_wavenumbers
 
 __all__ = ["linear_field", "lpt_displacements", "initial_state"]
 
@@ -56,8 +56,7 @@ def linear_field(
 def _lpt1(field_k: torch.Tensor, n: int) -> list[torch.Tensor]:
     """Displacement components (mesh units, real) i k/k² field(k) of a Fourier field on the particle grid."""
     kx, ky, kz = rfft_wavenumbers(n, field_k.device)
-    k2 = kx * kx + ky * ky + kz * kz
-    inv = torch.where(k2 > 0, 1.0 / torch.where(k2 > 0, k2, torch.ones_like(k2)), torch.zeros_like(k2))
+    inv = -inv_laplace_kernel(kx, ky, kz)  # 1/k², 0 at k = 0
     out = []
     for ki in (kx, ky, kz):
         # the Nyquist plane has no sign for i k: zero it, so the displacement stays real and symmetric
@@ -70,8 +69,7 @@ def lpt_displacements(delta_k: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
     """First- and second-order displacements Ψ₁, Ψ₂ [n³, 3] (mesh units) of δ(k) on the particle grid."""
     psi1 = torch.stack([c.reshape(-1) for c in _lpt1(delta_k, n)], 1)
     kx, ky, kz = rfft_wavenumbers(n, delta_k.device)
-    k2 = kx * kx + ky * ky + kz * kz
-    phi = torch.where(k2 > 0, -delta_k / torch.where(k2 > 0, k2, torch.ones_like(k2)), torch.zeros_like(delta_k))
+    phi = delta_k * inv_laplace_kernel(kx, ky, kz)  # ∇⁻²δ
     ks = (kx, ky, kz)
 
     def phi_ij(i: int, j: int) -> torch.Tensor:
