@@ -135,6 +135,59 @@ def test_bench_kl_scores_variants_against_the_exact_likelihood():
     assert abs(rows[1]["value"]) < 5 * rows[1]["se"] + 0.002  # ~exact up to ξ's noise and one step
 
 
+def test_bench_kl_with_a_teacher_scores_students_by_the_teachers_log_p(tiny_checkpoint, run_command, tmp_path):
+    """Maps come from the teacher's sampler and the exact log p is the teacher's: a student trained 60 steps on the
+    draws is closer to the teacher than one trained 1 step, and neither is closer than zero (KL >= 0)."""
+    from lensflow.bench import kl as bk
+    from lensflow.bench.__main__ import main
+    from lensflow.emulator import Emulator
+
+    glow = {"levels": 2, "steps": 1, "hidden": 8, "log_shift": False, "stationary": True, "stationary_dense": True}
+    optim = {"lr": 1.0e-3, "warmup_steps": 5, "ema_decay": 0.9, "augment": False}  # the teacher is not isotropic
+    data = {**_suite("kl_teacher")["data"], "teacher": str(tiny_checkpoint), "n_train": 600, "n_val": 300}
+    data["symmetrize"] = False
+    cfg = _suite("kl_teacher", data=data, batch_size=32, norm_maps=600, eval_every=0, variants=[
+        {"name": "one-step", "model": glow, "optim": optim, "max_steps": 1},
+        {"name": "trained", "model": glow, "optim": optim, "max_steps": 60, "n_train": 400},
+    ])  # fmt: skip
+    d = bk.simulate_data(cfg["data"])
+    teacher = Emulator.load(tiny_checkpoint, device="cpu")
+    np.testing.assert_array_equal(d["val"], teacher.sample(300, seed=1))  # generate's maps, seed 2·0 + 1
+    np.testing.assert_allclose(d["val_exact"], teacher.log_prob(d["val"]), rtol=1e-12)
+    rows = bk.run(cfg)
+    assert [r["n_train"] for r in rows] == [600, 400] and rows[0]["data"] == str(tiny_checkpoint)
+    one, trained = rows
+    assert trained["value"] < one["value"] - 3 * one["se"]
+    assert min(one["value"], trained["value"]) > -3 * max(one["se"], trained["se"])
+
+    # the dihedral average is invariant under every turn, and at least p(x)/8
+    sym = bk.dihedral_log_prob(teacher, d["val"][:20])
+    for k in range(1, 8):
+        np.testing.assert_allclose(bk.dihedral_log_prob(teacher, bk._dihedral(d["val"][:20], np.full(20, k))), sym)
+    assert (sym >= d["val_exact"][:20] - np.log(8) - 1e-9).all()
+
+    out = tmp_path / "kl.json"
+    code, err = run_command(main, "kl", f"bench.data.teacher={tmp_path / 'nosuch.ckpt'}", f"out={out}")
+    err = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "nosuch.ckpt: checkpoint not found" in err[0] and not out.exists()
+
+
+def test_bench_kl_refuses_a_conditional_teacher_without_theta(tmp_path_factory, run_command, tmp_path):
+    from helpers.stores import tiny_checkpoint
+
+    from lensflow.bench.__main__ import main
+
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("cond-teacher"), "cond", cond=("Omega_m", "sigma_8"))
+    out = tmp_path / "kl.json"
+    code, err = run_command(main, "kl_teacher", f"bench.data.teacher={ckpt}", f"out={out}")
+    err = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(err) == 1, err
+    assert "is conditional on ['Omega_m', 'sigma_8']: give data.theta" in err[0] and not out.exists()
+    code, err = run_command(main, "kl", f"bench.data.teacher={ckpt}", "bench.data.theta={Omega_m: 0.3}", f"out={out}")
+    err = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "sigma_8" in err[0] and not out.exists(), err
+
+
 def test_bench_validate_rows_are_failure_fractions_with_wilson_intervals():
     from lensflow.bench import validate as bv
 

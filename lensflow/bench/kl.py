@@ -1,7 +1,9 @@
 """KL-gap benchmark: Glow design variants trained on the same simulated maps, scored against the exact likelihood.
 
 ``python -m lensflow.bench kl`` simulates shifted-lognormal maps with :class:`~lensflow.sims.flat.FlatSimulator`
-(training set, held-out set, fresh seeds), trains every variant of ``bench.variants`` for the same number of
+(training set, held-out set, fresh seeds), or draws them from a trained emulator, the teacher
+(``bench.data.teacher=CKPT``; its ``log_prob`` is then the exact likelihood, a yardstick on non-Gaussian maps;
+``python -m lensflow.bench kl_teacher``), trains every variant of ``bench.variants`` for the same number of
 optimizer steps on the same data and seed, and reports for each the held-out KL gap (model bits/dim minus the
 simulator's exact bits/dim, :func:`lensflow.sims.exact.kl_gap_bits`) with its standard error, the same gap on
 training maps (memorization shows as train gap < held-out gap), the wall time, and the ratio of each gap to the
@@ -82,10 +84,7 @@ def _lr(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    code = torch.randint(0, 8, (x.shape[0],), generator=g).view(-1, 1, 1, 1)
-    x = torch.where(code & 1 == 1, x.transpose(-1, -2), x)
-    x = torch.where(code & 2 == 2, x.flip(-2), x)
-    return torch.where(code & 4 == 4, x.flip(-1), x)
+    return torch.from_numpy(_dihedral(x.numpy(), torch.randint(0, 8, (x.shape[0],), generator=g).numpy()))
 
 
 @torch.no_grad()
@@ -101,6 +100,8 @@ def train_variant(
     """Train one variant on ``data`` (train/val/train_eval maps and exact log p); returns its row."""
     model, optim = dict(variant.get("model", {})), dict(variant.get("optim", {}))
     train = data["train"]
+    if variant.get("n_train") is not None:  # fewer training maps for this variant (the first n_train)
+        train = train[: int(variant["n_train"])]
     C, npix = train.shape[1], train.shape[-1]
     glow = build_glow(C, npix, model, bool(data["periodic"]), seed)
     n_norm = min(len(train), int(run["norm_maps"]))
@@ -112,6 +113,8 @@ def train_variant(
     steps, bs = int(variant.get("max_steps", run["max_steps"])), int(optim.get("batch_size", run["batch_size"]))
     warm, floor = int(optim.get("warmup_steps", 30)), float(optim.get("min_lr_ratio", 0.02))
     decay, clip = float(optim.get("ema_decay", 0.98)), float(optim.get("grad_clip", 50.0))
+    # dihedral augmentation (default) assumes an isotropic field; a teacher need not be exactly isotropic
+    augment = bool(optim.get("augment", True))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, warm, steps, floor))
     t0, history = time.perf_counter(), []
     order = torch.randperm(len(train), generator=g)
@@ -119,7 +122,8 @@ def train_variant(
     for step in range(steps):
         if pos + bs > len(order):
             order, pos = torch.randperm(len(train), generator=g), 0
-        x = _augment(torch.from_numpy(train[order[pos : pos + bs].numpy()]), g)
+        x = torch.from_numpy(train[order[pos : pos + bs].numpy()])
+        x = _augment(x, g) if augment else x
         pos += bs
         loss = glow.bits_per_dim(x).mean()
         opt.zero_grad(set_to_none=True)
@@ -145,6 +149,7 @@ def train_variant(
     n_params = sum(p.numel() for p in glow.parameters())
     return {
         "variant": variant["name"],
+        "n_train": len(train),
         "kl_gap": gap,
         "kl_se": se,
         "train_gap": tgap,
@@ -158,7 +163,10 @@ def train_variant(
 
 
 def simulate_data(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Training, held-out and train-evaluation maps with their exact log p (independent seeds)."""
+    """Training, held-out and train-evaluation maps with their exact log p (independent seeds): from the flat
+    simulator of ``cfg``, or from the trained emulator ``cfg["teacher"]`` (:func:`teacher_data`)."""
+    if cfg.get("teacher"):
+        return teacher_data(cfg)
     cosmo = {**PLANCK18, **dict(cfg.get("cosmology") or {})}
     sim = FlatSimulator(
         int(cfg["npix"]),
@@ -182,6 +190,78 @@ def simulate_data(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "exact_bpd": float(-sim.log_prob(val).mean() / (sim.likelihood.num_dims * math.log(2))),
         "shift": None if sim.shift is None else sim.shift.tolist(),
     }
+
+
+def teacher_data(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps drawn at T = 1 from a trained emulator, the teacher, scored by the teacher's own ``log_prob``.
+
+    A trained emulator is a simulator with an exact likelihood. When it was trained on non-Gaussian maps (N-body),
+    the KL gap of a student trained on its draws scores design choices on a non-Gaussian field, which no flat
+    simulator offers. Training maps are the teacher's draws of seed ``2 seed``, held-out maps of ``2 seed + 1``
+    (map ``i`` from the stream ``(seed, i)``, as ``python -m lensflow.generate``). A conditional teacher draws at the
+    one condition ``theta`` ({name: value}); the flat simulator's keys (``npix``, ``kind``, ...) are not used.
+    """
+    from lensflow.emulator import Emulator
+
+    path = str(cfg["teacher"])
+    teacher = Emulator.load(path, device="cpu")
+    theta = cfg.get("theta")
+    if teacher.param_names and not theta:
+        raise ValueError(
+            f"bench kl: data.teacher {path} is conditional on {list(teacher.param_names)}: give data.theta, "
+            f"e.g. data.theta={{{teacher.param_names[0]}: ...}}"
+        )
+    if theta and not teacher.param_names:
+        raise ValueError(f"bench kl: data.theta given, but data.teacher {path} is unconditional")
+    cond = dict(theta) if theta else None
+    seed = int(cfg.get("seed", 0))
+    n_train, n_val = int(cfg["n_train"]), int(cfg["n_val"])
+    symmetric = bool(cfg.get("symmetrize", False))
+    log.info("teacher %s: drawing %d training and %d held-out maps", path, n_train, n_val)
+    train = teacher.sample(n_train, cond=cond, seed=2 * seed)
+    val = teacher.sample(n_val, cond=cond, seed=2 * seed + 1)
+    if symmetric:
+        train = _dihedral(train, np.random.default_rng([seed, 0, 8]).integers(0, 8, n_train))
+        val = _dihedral(val, np.random.default_rng([seed, 1, 8]).integers(0, 8, n_val))
+
+    def exact(maps: np.ndarray) -> np.ndarray:
+        return dihedral_log_prob(teacher, maps, cond) if symmetric else teacher.log_prob(maps, cond=cond)
+
+    n_te = min(n_val, n_train)
+    val_exact = exact(val)
+    num_dims = int(np.prod(val.shape[1:]))
+    return {
+        "train": train,
+        "val": val,
+        "train_eval": train[:n_te],
+        "periodic": bool(teacher.meta.periodic),
+        "val_exact": val_exact,
+        "train_exact": exact(train[:n_te]),
+        "exact_bpd": float(-val_exact.mean() / (num_dims * math.log(2))),
+        "shift": None,
+        "teacher": path + (" (dihedral average)" if symmetric else ""),
+    }
+
+
+def dihedral_log_prob(model: Any, maps: np.ndarray, cond: Any = None) -> np.ndarray:
+    """log p_sym(x) [n] (nats) of the dihedral average p_sym(x) = Σ_g p(g x)/8 of ``model.log_prob``.
+
+    p_sym is the distribution of the model's draws each turned by a random element g of the square's symmetry
+    group, and the target of a student trained with dihedral augmentation.
+    """
+    per_g = np.stack([model.log_prob(_dihedral(maps, np.full(len(maps), k)), cond=cond) for k in range(8)])
+    top = per_g.max(axis=0)
+    return top + np.log(np.exp(per_g - top).mean(axis=0))
+
+
+def _dihedral(maps: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Each map [C, H, W] turned by its element of the dihedral group of the square (code 0..7, as the training
+    augmentation: bit 0 transposes, bit 1 flips H, bit 2 flips W)."""
+    x = torch.from_numpy(np.ascontiguousarray(maps))
+    code = torch.from_numpy(np.asarray(codes, dtype=np.int64)).view(-1, 1, 1, 1)
+    x = torch.where(code & 1 == 1, x.transpose(-1, -2), x)
+    x = torch.where(code & 2 == 2, x.flip(-2), x)
+    return torch.where(code & 4 == 4, x.flip(-1), x).numpy()
 
 
 def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -221,10 +301,12 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "ratio": r["kl_gap"] / base["kl_gap"],
                 "se": r["kl_se"],
                 "train_gap": r["train_gap"],
+                "n_train": r["n_train"],
                 "steps": r["steps"],
                 "seconds": r["seconds"],
                 "params": r["params"],
                 "shift": r["shift"],
+                "data": data.get("teacher", f"{cfg['data'].get('kind', 'lognormal')} flat simulator"),
             }
         )
     return out

@@ -183,8 +183,18 @@ def correlation_error(reference: np.ndarray, candidate: np.ndarray, sigma: float
     return correlation_of(*_pair(reference, candidate), None if sigma is None else float(sps.norm.sf(sigma)))
 
 
-def correlation_of(mr: Moments, mc: Moments, alpha: float | None) -> dict[str, Any]:
-    """:func:`correlation_error` from the sets' moments; ``alpha`` is the one-sided noise quantile's tail."""
+def correlation_of(
+    mr: Moments,
+    mc: Moments,
+    alpha: float | None,
+    groups: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+) -> dict[str, Any]:
+    """:func:`correlation_error` from the sets' moments; ``alpha`` is the one-sided noise quantile's tail.
+
+    ``groups`` are the group ids of each set's maps (``None``: independent maps). Maps of one group (one N-body
+    box) have correlated influence functions, so the noise floor sums them per group before squaring
+    (the cluster-robust covariance; :mod:`lensflow.compare.clusters`).
+    """
     F = mr.mean.shape[0]
     act = mr.live & mc.live
     k = int(act.sum())
@@ -215,13 +225,11 @@ def correlation_of(mr: Moments, mc: Moments, alpha: float | None) -> dict[str, A
     out["max"] = float(np.max(np.abs(delta)))
     # Sampling covariance of delta = Σ_sets IF_sᵀ IF_s / N_s², estimated from at most _MAX_NOISE_ROWS rows
     # per set (rescaled), through the Gram matrix of the stacked, scaled influence functions.
-    sr = _noise_rows(mr.n)
-    sc = _noise_rows(mc.n)
-    ar = 1.0 / math.sqrt(len(sr) * mr.n)
-    ac = 1.0 / math.sqrt(len(sc) * mc.n)
-    g_rr = influence_gram(zr[sr], rr, zr[sr], rr) * ar * ar
-    g_cc = influence_gram(zc[sc], rc, zc[sc], rc) * ac * ac
-    g_rc = influence_gram(zr[sr], rr, zc[sc], rc) * ar * ac
+    sr, pr, dr = _noise_weights(mr.n, groups[0])
+    sc, pc, dc = _noise_weights(mc.n, groups[1])
+    g_rr = _aggregate(_diag_scaled(influence_gram(zr[sr], rr, zr[sr], rr), dr), pr, pr)
+    g_cc = _aggregate(_diag_scaled(influence_gram(zc[sc], rc, zc[sc], rc), dc), pc, pc)
+    g_rc = _aggregate(influence_gram(zr[sr], rr, zc[sc], rc), pr, pc)
     tr = float(np.trace(g_rr) + np.trace(g_cc))
     tr2 = float(np.sum(g_rr**2) + np.sum(g_cc**2) + 2.0 * np.sum(g_rc**2))
     out["noise_floor"] = math.sqrt(max(tr, 0.0) / M)
@@ -229,6 +237,45 @@ def correlation_of(mr: Moments, mc: Moments, alpha: float | None) -> dict[str, A
         g, h = tr2 / tr, tr * tr / tr2  # Σδ² ≈ g·χ²_h, matching mean and variance
         out["noise_quantile"] = math.sqrt(g * sps.chi2.isf(alpha, h) / M)
     return out
+
+
+def _noise_weights(n: int, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | float, float]:
+    """Rows, aggregation P (a matrix, or a scalar times the identity) and diagonal factor of one set's noise Gram
+    K = P G Pᵀ.
+
+    K[u, v] estimates ⟨U_u, U_v⟩ of the independent units' mean influence functions U (the maps, or the groups'
+    sums / N), from the rows used: independent maps get P = I/√(m N) (m of N rows, evenly spaced), groups
+    P = A/m with A the [G, m] membership matrix and each row's own product G_ii weighted by m/N, since within a
+    group's sum the m/N subsample sees every pair (i, j ≠ i) with probability (m/N)² but (i, i) with m/N.
+    """
+    if groups is None or np.unique(groups).size == np.size(groups):
+        rows = _noise_rows(n)
+        return rows, 1.0 / math.sqrt(rows.size * n), 1.0
+    rows = _noise_rows_grouped(n)
+    codes = np.unique(np.asarray(groups)[rows], return_inverse=True)[1].reshape(-1)
+    member = np.zeros((int(codes.max()) + 1, rows.size))
+    member[codes, np.arange(rows.size)] = 1.0
+    return rows, member / rows.size, rows.size / n
+
+
+def _aggregate(gram: np.ndarray, left: np.ndarray | float, right: np.ndarray | float) -> np.ndarray:
+    """P_l G P_rᵀ for matrix or scalar aggregations."""
+    out = gram * left if np.isscalar(left) else left @ gram
+    return out * right if np.isscalar(right) else out @ np.asarray(right).T
+
+
+def _diag_scaled(gram: np.ndarray, factor: float) -> np.ndarray:
+    if factor != 1.0:
+        gram = gram.copy()
+        gram[np.diag_indices_from(gram)] *= factor
+    return gram
+
+
+def _noise_rows_grouped(n: int) -> np.ndarray:
+    """All rows up to twice ``_MAX_NOISE_ROWS`` (a group's sum needs its maps), evenly spaced beyond."""
+    if n <= 2 * _MAX_NOISE_ROWS:
+        return np.arange(n)
+    return np.linspace(0, n - 1, 2 * _MAX_NOISE_ROWS).round().astype(np.int64)
 
 
 def _noise_rows(n: int) -> np.ndarray:

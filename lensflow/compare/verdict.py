@@ -55,6 +55,7 @@ class Pair:
     family_bins: int
     family_statistics: int
     calibrated: Mapping[str, Any] | None = None  # permutation thresholds and pooled z (see permutation.py)
+    groups: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # group ids of each set's maps (clusters.py)
 
     @property
     def n_bins(self) -> int:
@@ -179,7 +180,7 @@ def _corr_criterion(p: Pair) -> Criterion:
     alpha = None
     if tol.corr_sigma is not None:
         alpha = family_alpha(float(sps.norm.sf(tol.corr_sigma)), p.family_statistics, tol.multiple_testing)
-    corr = correlation_of(p.mr, p.mc, alpha)
+    corr = correlation_of(p.mr, p.mc, alpha, p.groups)
     allow = tol.corr_rms
     if tol.corr_sigma is not None and corr["noise_quantile"] is not None:
         allow = math.sqrt(tol.corr_rms**2 + corr["noise_quantile"] ** 2)
@@ -239,6 +240,7 @@ def compare_statistic(
     name: str = "statistic",
     family: tuple[int, int] | None = None,
     calibrated: Mapping[str, Any] | None = None,
+    groups: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> dict[str, Any]:
     """Every metric and the verdict for one statistic: ``reference`` [N_r, ...], ``candidate`` [N_c, ...].
 
@@ -246,8 +248,9 @@ def compare_statistic(
     (:func:`compare` passes the totals when ``tolerances.family == "report"``); default: this statistic.
     ``calibrated`` carries the permutation thresholds of the family (``t_mean``, ``t_spread``) and this
     statistic's pooled z and SE (:func:`lensflow.compare.permutation.permutation_thresholds`); :func:`compare`
-    computes it when ``tolerances.permutations`` is set. Arrays in the result are flattened over the trailing
-    axes (``shape`` gives them back).
+    computes it when ``tolerances.permutations`` is set. ``groups`` are the group ids of each set's maps (maps
+    cut from one box; ``None``: independent maps), which the correlation noise floor sums over. Arrays in the
+    result are flattened over the trailing axes (``shape`` gives them back).
     """
     tol = Tolerances.from_mapping(tolerances)
     r, shape = as_rows(name, reference, "reference")
@@ -257,7 +260,7 @@ def compare_statistic(
     mr, mc = Moments.of(r), Moments.of(c)
     n_live = int(np.sum(np.sqrt(mr.std**2 / mr.n + mc.std**2 / mc.n) > 0))
     n_fam, n_stat = family if family is not None else (n_live, 1)
-    pair = Pair(name, shape, r, c, mr, mc, tol, max(n_fam, n_live), n_stat, calibrated)
+    pair = Pair(name, shape, r, c, mr, mc, tol, max(n_fam, n_live), n_stat, calibrated, groups)
     out: dict[str, Any] = {
         "shape": list(shape),
         "n_bins": pair.n_bins,
