@@ -43,6 +43,7 @@ from lensflow._util.settings import Settings
 from lensflow.checkpoint import lensflow_entry, read_checkpoint, training_maps
 from lensflow.conditioning import condition_rows, normalize_conditions
 from lensflow.flows import Glow
+from lensflow.flows.spline import MAX_BINS
 from lensflow.mapstore import StoreMeta
 
 __all__ = ["KappaFlow", "ModelSettings", "TrainingBox"]
@@ -69,7 +70,11 @@ class ModelSettings(Settings):
     Gaussian of a stationary field on the crop (maps up to 64²; for a conditional model its correlation function is a
     polynomial of degree ``stationary_degree`` in each normalised parameter, fitted on all training maps);
     ``shift_degree`` makes a conditional model's shifted log (its λ, mean and std) polynomials of that degree in θ
-    (``None``: one for all θ). ``cond_log`` conditions on ``log θ`` instead of θ (both normalised to zero mean and
+    (``None``: one for all θ). ``coupling`` picks the flow steps' coupling layer: ``"affine"``
+    (:class:`~lensflow.flows.coupling.AffineCoupling`, log-scales soft-clamped by ``scale_bound``) or ``"spline"``
+    (:class:`~lensflow.flows.spline.SplineCoupling`, ``spline_bins`` rational-quadratic bins on
+    ``[-spline_tail_bound, spline_tail_bound]``, identity outside); checkpoints saved before the choice are affine.
+    ``cond_log`` conditions on ``log θ`` instead of θ (both normalised to zero mean and
     unit variance over the training split): κ's amplitude is close to a power law in Ω_m and σ_8, so ``log std``
     and ξ are close to linear in ``log θ`` and the fitted polynomials leave less bias across a wide box.
     docs/emulator-design.md measures each: the ML shift and the crop Gaussian cut the kappa_quick KL gap from 0.0040
@@ -86,6 +91,9 @@ class ModelSettings(Settings):
     padding: str = "auto"
     log_shift: bool = False
     scale_bound: float = 2.0
+    coupling: str = "affine"
+    spline_bins: int = 8
+    spline_tail_bound: float = 5.0
     prior_bound: float = 5.0
     learn_top_prior: bool = True
     shift_method: str = "ml"
@@ -100,6 +108,8 @@ class ModelSettings(Settings):
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("glow",))
         check_choice("model.shift_method", self.shift_method, ("ml", "margin"))
+        check_choice("model.coupling", self.coupling, ("affine", "spline"))
+        check_int("model.spline_bins", self.spline_bins, 2, MAX_BINS)
         check_bool("model.stationary", self.stationary)
         check_int("model.stationary_knots", self.stationary_knots, 2)
         check_int("model.stationary_low_modes", self.stationary_low_modes, 0)
@@ -113,7 +123,7 @@ class ModelSettings(Settings):
         check_choice("model.padding", self.padding, ("auto", "zero", "circular"))
         check_bool("model.log_shift", self.log_shift)
         check_bool("model.learn_top_prior", self.learn_top_prior)
-        for name in ("scale_bound", "prior_bound"):
+        for name in ("scale_bound", "spline_tail_bound", "prior_bound"):
             object.__setattr__(
                 self, name, check_number(f"model.{name}", getattr(self, name), minimum=0, strict_min=True)
             )
@@ -135,6 +145,9 @@ class ModelSettings(Settings):
             "cond_dim": int(cond_dim),
             "padding": padding,
             "scale_bound": self.scale_bound,
+            "coupling": self.coupling,
+            "spline_bins": self.spline_bins,
+            "spline_tail_bound": self.spline_tail_bound,
             "prior_bound": self.prior_bound,
             "learn_top_prior": self.learn_top_prior,
             "log_shift": self.log_shift,

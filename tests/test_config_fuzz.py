@@ -94,6 +94,7 @@ def test_every_command_and_key_is_covered():
         ("infer", ["ckpt=x.ckpt", "maps=a.h5", "out=o", "grid_points=many"], "grid_points"),
         ("infer", ["ckpt=x.ckpt", "maps=a.h5", "out=o", "joint=maybe"], "joint"),
         ("train", ["model.hidden=big"], "model.hidden"),
+        ("train", ["model.coupling=cubic"], "model.coupling"),
         ("train", ["trainer.max_steps=many"], "max_steps"),
     ],
 )

@@ -18,11 +18,13 @@ from lensflow.flows import (
     FlowStep,
     InvConv1x1,
     Preprocess,
+    SplineCoupling,
     Split,
     Squeeze,
     _conv,
     _fused_cpu,
 )
+from lensflow.flows.spline import rq_spline
 from lensflow.flows.split import TopPrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,6 +164,111 @@ def test_coupling_cond_is_required_and_checked():
         AffineCoupling(1, hidden=8)
     with pytest.raises(ValueError, match="scale_bound"):
         AffineCoupling(4, hidden=8, scale_bound=0.0)
+
+
+# -- SplineCoupling -------------------------------------------------------------------------------------------
+def _random_spline(cond_dim: int, padding: str = "zero") -> SplineCoupling:
+    """A float64 spline coupling away from its identity initialisation, with O(1) raw parameters (output gain 1):
+    random weights with the default gain give knot slopes down to ~1e-6, where any inverse loses ~1e6 ulps."""
+    torch.manual_seed(0)
+    cp = SplineCoupling(5, hidden=8, cond_dim=cond_dim, padding=padding, bins=6, tail_bound=3.0).double()
+    randomize(cp, 0.3)
+    with torch.no_grad():
+        cp.net.out.logs.zero_()
+    return cp
+
+
+@pytest.mark.parametrize("cond_dim", [0, 3])
+@pytest.mark.parametrize("padding", ["zero", "circular"])
+def test_spline_identity_init_round_trip_and_logdet(cond_dim, padding):
+    torch.manual_seed(0)
+    x = 1.5 * torch.randn(2, 5, 4, 4, generator=gen(), dtype=torch.float64)
+    cond = torch.randn(2, cond_dim, generator=gen(2), dtype=torch.float64) if cond_dim else None
+    cp = SplineCoupling(5, hidden=8, cond_dim=cond_dim, padding=padding, bins=6, tail_bound=3.0).double()
+    y, ld = cp(x, cond)  # zero-initialised last conv: equal bins, unit slopes and knot derivatives
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-15)
+    torch.testing.assert_close(ld, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-14)
+    cp = _random_spline(cond_dim, padding)
+    (y,), ld = check_forward_inverse(cp, x, cond, atol=1e-10)  # slopes down to ~1e-5 here (see _random_spline)
+    assert float((y - x).detach().abs().max()) > 0.5 and float(ld.detach().abs().min()) > 5.0  # non-trivial
+    check_logdet(cp, x, cond, ld, atol=1e-9)
+
+
+def test_spline_identity_init_float32():
+    cp = SplineCoupling(8, hidden=16)
+    x = 2.0 * torch.randn(4, 8, 6, 6, generator=gen())
+    with torch.no_grad():
+        y, ld = cp(x)
+    assert ld.dtype == torch.float32
+    torch.testing.assert_close(y, x, rtol=0, atol=4e-7)
+    assert float(ld.abs().max()) < 1e-5  # 144 pixels x a few ulps
+    with torch.no_grad():
+        torch.testing.assert_close(cp.inverse(x), x, rtol=0, atol=4e-7)
+
+
+def test_spline_tails_are_the_identity():
+    """Beyond ±tail_bound the layer passes values through unchanged (slope 1, log-det 0), random weights or not; at
+    the bound the spline meets the tails continuously, with unit slope."""
+    cp = _random_spline(0)
+    bound = cp.tail_bound
+    x = torch.randn(3, 5, 4, 4, generator=gen(), dtype=torch.float64)
+    sign = torch.where(x[:, 3:] >= 0, 1.0, -1.0)
+    x[:, 3:] = sign * (bound + 1e-9 + 4.0 * x[:, 3:].abs())  # every changed value outside [-bound, bound]
+    y, ld = cp(x)
+    assert torch.equal(y, x) and torch.equal(ld, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(cp.inverse(x), x)
+    # element-wise: mixed inside/outside values, log-det 0 exactly outside and not inside
+    theta = torch.randn(7, 3 * 6 - 1, generator=gen(3), dtype=torch.float64)
+    v = torch.tensor([-100.0, -bound - 1e-12, -bound, -1.0, 0.5, bound, 2 * bound], dtype=torch.float64)
+    out, lad = rq_spline(v, theta, bound)
+    outside = v.abs() > bound
+    assert torch.equal(out[outside], v[outside]) and torch.equal(lad[outside], torch.zeros(3, dtype=torch.float64))
+    assert float(lad[3:5].abs().min()) > 1e-3  # the random spline is not the identity inside
+    torch.testing.assert_close(out[[1, 2, 5]], v[[1, 2, 5]], rtol=0, atol=1e-12)  # continuous at ±bound
+    torch.testing.assert_close(lad[[2, 5]], torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)  # unit slope
+
+
+def test_spline_is_monotonic_and_bounded_at_extreme_parameters():
+    """Raw parameters in the thousands (a diverging network) still give a finite, increasing, invertible spline."""
+    theta = 1e3 * torch.randn(1, 3 * 8 - 1, generator=gen(), dtype=torch.float64).expand(2001, -1)
+    v = torch.linspace(-5.0, 5.0, 2001, dtype=torch.float64)
+    out, lad = rq_spline(v, theta, 5.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lad).all()
+    assert bool((out[1:] >= out[:-1]).all()) and float(out.abs().max()) <= 5.0
+    back, nlad = rq_spline(out, theta, 5.0, inverse=True)
+    assert torch.isfinite(back).all()
+    torch.testing.assert_close(rq_spline(back, theta, 5.0)[0], out, rtol=0, atol=1e-12)  # y -> x -> y
+    torch.testing.assert_close(nlad, -lad, rtol=0, atol=1e-6)
+
+
+def test_spline_gradients_and_bf16_autocast():
+    cp = SplineCoupling(4, hidden=16, cond_dim=2)
+    randomize(cp, 0.1)
+    x = torch.randn(4, 4, 8, 8, generator=gen())
+    x[0, 2:, 0, 0] = 50.0  # a tail value: a zero-gradient branch must not give NaN gradients
+    cond = torch.randn(4, 2, generator=gen(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ld = cp(x, cond)
+    assert y.dtype == torch.float32 and ld.dtype == torch.float32
+    (y.square().sum() + ld.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in cp.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(cp.inverse(y, cond), x, rtol=0, atol=1e-4)
+
+
+def test_spline_bad_arguments():
+    cp = SplineCoupling(4, hidden=8, cond_dim=2)
+    with pytest.raises(ValueError, match="cond"):
+        cp(torch.zeros(1, 4, 4, 4))
+    for kwargs, name in (
+        ({"channels": 1}, "channels"),
+        ({"bins": 1}, "bins"),
+        ({"bins": 1000}, "bins"),
+        ({"tail_bound": 0.0}, "tail_bound"),
+        ({"tail_bound": float("inf")}, "tail_bound"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            SplineCoupling(**({"channels": 4, "hidden": 8} | kwargs))
 
 
 # -- CouplingNet: fused CPU training path against plain autograd ------------------------------------------------
@@ -313,15 +420,19 @@ def test_top_prior_round_trip_and_logdet():
     assert fixed.trivial and len(list(fixed.parameters())) == 0
 
 
-def test_flowstep_round_trip_and_logdet():
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_flowstep_round_trip_and_logdet(coupling):
     torch.manual_seed(0)
-    st = FlowStep(4, hidden=8, cond_dim=2, padding="circular").double()
+    st = FlowStep(4, hidden=8, cond_dim=2, padding="circular", coupling=coupling).double()
+    assert isinstance(st.coupling, AffineCoupling if coupling == "affine" else SplineCoupling)
     x = torch.randn(2, 4, 4, 4, generator=gen(), dtype=torch.float64)
     cond = torch.randn(2, 2, generator=gen(4), dtype=torch.float64)
     st(x, cond)  # data-dependent init
     randomize(st, 0.3)
-    _, ld = check_forward_inverse(st, x, cond, atol=1e-11)
+    _, ld = check_forward_inverse(st, x, cond, atol=1e-11 if coupling == "affine" else 1e-10)
     check_logdet(st, x, cond, ld, atol=1e-9)
+    with pytest.raises(ValueError, match="^coupling must be 'affine' or 'spline', got 'x'$"):
+        FlowStep(4, hidden=8, coupling="x")
 
 
 # -- Preprocess -----------------------------------------------------------------------------------------------

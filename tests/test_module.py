@@ -253,6 +253,31 @@ def test_padding_follows_the_periodicity_of_the_maps():
     assert KappaFlow(model={**SMALL, "padding": "zero"}, meta=_meta(periodic=True), npix=16).glow.padding == "zero"
 
 
+def test_the_coupling_is_a_model_setting_that_an_export_keeps(tmp_path):
+    from lensflow.flows import AffineCoupling, SplineCoupling
+
+    assert isinstance(_module().glow.flows[0][0].coupling, AffineCoupling)  # the default, as before the choice
+    mod = _module(coupling="spline", spline_bins=4, spline_tail_bound=3.0)
+    cp = mod.glow.flows[0][0].coupling
+    assert isinstance(cp, SplineCoupling) and (cp.bins, cp.tail_bound) == (4, 3.0)
+    mod.fit_normalization(np.random.default_rng(3).normal(0.01, 0.02, size=(32, 1, 16, 16)))
+    with torch.no_grad():
+        for p in mod.glow.parameters():  # off the identity initialisation
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        mod.glow_ema.load_state_dict(mod.glow.state_dict())
+    loaded = KappaFlow.load(mod.save(tmp_path / "m.pt"))
+    assert loaded.glow.config == mod.glow.config and loaded.glow.config["coupling"] == "spline"
+    noise = torch.randn(2, 256, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(loaded.sample(2, noise=noise), mod.sample(2, noise=noise))
+    with pytest.raises(ValueError, match="model.coupling") as e:
+        _module(coupling="x")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="model.spline_bins"):
+        _module(spline_bins=1)
+    with pytest.raises(ValueError, match="model.spline_tail_bound"):
+        _module(spline_tail_bound=-1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints written before the model carve-out (lensflow 0.1), exports, and the check against validate
 # --------------------------------------------------------------------------------------------

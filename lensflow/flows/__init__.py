@@ -11,6 +11,7 @@ from .glow import Glow
 from .invconv import InvConv1x1
 from .nets import CouplingNet, ZeroConv2d
 from .preprocess import Preprocess
+from .spline import SplineCoupling
 from .split import Split, TopPrior
 from .squeeze import Squeeze
 from .step import FlowStep
@@ -23,6 +24,7 @@ __all__ = [
     "Glow",
     "InvConv1x1",
     "Preprocess",
+    "SplineCoupling",
     "Split",
     "Squeeze",
     "TopPrior",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 
 import torch
 from torch import Tensor, nn
 
 PADDINGS = ("zero", "circular")
+COUPLINGS = ("affine", "spline")
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -37,10 +39,22 @@ def check_padding(padding: str) -> str:
     return padding
 
 
+def check_coupling(coupling: str) -> str:
+    if not isinstance(coupling, str) or coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be 'affine' or 'spline', got {coupling!r}")
+    return coupling
+
+
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_positive_number(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_cond(cond: Tensor | None, cond_dim: int, batch: int, where: str) -> Tensor | None:

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._common import acc_dtype, check_padding, check_positive_int
+from ._common import acc_dtype, check_coupling, check_padding, check_positive_int, check_positive_number
 from .crop_gaussian import CropGaussian
 from .preprocess import Preprocess
+from .spline import MAX_BINS
 from .split import Split, TopPrior
 from .squeeze import Squeeze
 from .stationary import StationaryGaussian
@@ -25,7 +26,7 @@ class Glow(nn.Module):
     Architecture (data -> latent): ``Preprocess``, optionally a ``StationaryGaussian`` (a learned isotropic
     whitening filter in Fourier space, data-initialised to the training maps' power spectrum), then, for each of
     ``levels`` levels, ``Squeeze`` (2x2 ->
-    4C), ``steps`` x ``FlowStep`` (ActNorm, LU 1x1 conv, affine coupling) and, except at the last level,
+    4C), ``steps`` x ``FlowStep`` (ActNorm, LU 1x1 conv, affine or spline coupling) and, except at the last level,
     a ``Split`` that factors out half of the channels whitened by a Gaussian prior conditioned on the
     kept half (and on ``cond``). The last level's output is whitened by a learned ``TopPrior``.
 
@@ -49,7 +50,14 @@ class Glow(nn.Module):
         padding: ``"zero"`` or ``"circular"`` (periodic maps) for every 3x3 convolution.
         preprocess: the pixel-wise preprocessing; default an identity-initialised ``Preprocess(in_channels)``
             (call ``glow.preprocess.fit(train_maps)`` before training).
-        scale_bound: coupling log-scales are soft-clamped to ``(-scale_bound, scale_bound)``.
+        scale_bound: affine-coupling log-scales are soft-clamped to ``(-scale_bound, scale_bound)``.
+        coupling: ``"affine"`` (:class:`~lensflow.flows.coupling.AffineCoupling`, the default and every model
+            saved before the choice existed) or ``"spline"`` (:class:`~lensflow.flows.spline.SplineCoupling`,
+            a monotonic rational-quadratic spline per changed pixel: more expressive per step, more network
+            outputs).
+        spline_bins: bins of each spline (``coupling="spline"`` only).
+        spline_tail_bound: splines act on ``[-spline_tail_bound, spline_tail_bound]`` (ActNorm-normalised units)
+            and are the identity outside (``coupling="spline"`` only).
         prior_bound: prior log-standard-deviations are soft-clamped to ``(-prior_bound, prior_bound)``.
         learn_top_prior: learn a per-channel mean / log-std for the top latent (else standard normal, plus
             the ``cond`` term when conditional).
@@ -77,6 +85,9 @@ class Glow(nn.Module):
         preprocess: Preprocess | None = None,
         *,
         scale_bound: float = 2.0,
+        coupling: str = "affine",
+        spline_bins: int = 8,
+        spline_tail_bound: float = 5.0,
         prior_bound: float = 5.0,
         learn_top_prior: bool = True,
         init_seed: int | None = None,
@@ -98,6 +109,11 @@ class Glow(nn.Module):
             raise ValueError(f"image_size={image_size} must be divisible by 2**levels = {2**levels}")
         if not scale_bound > 0:
             raise ValueError(f"scale_bound must be > 0, got {scale_bound!r}")
+        check_coupling(coupling)
+        check_positive_int("spline_bins", spline_bins, minimum=2)
+        if spline_bins > MAX_BINS:
+            raise ValueError(f"spline_bins must be an integer in [2, {MAX_BINS}], got {spline_bins!r}")
+        check_positive_number("spline_tail_bound", spline_tail_bound)
         if not prior_bound > 0:
             raise ValueError(f"prior_bound must be > 0, got {prior_bound!r}")
         if preprocess is None:
@@ -119,6 +135,9 @@ class Glow(nn.Module):
         self.cond_dim = cond_dim
         self.padding = padding
         self.scale_bound = float(scale_bound)
+        self.coupling = coupling
+        self.spline_bins = int(spline_bins)
+        self.spline_tail_bound = float(spline_tail_bound)
         self.prior_bound = float(prior_bound)
         self.learn_top_prior = bool(learn_top_prior)
         self.stationary_knots = int(stationary_knots)
@@ -156,7 +175,16 @@ class Glow(nn.Module):
             c, s = 4 * c, s // 2
             flows.append(
                 nn.ModuleList(
-                    FlowStep(c, self.hidden, self.cond_dim, self.padding, self.scale_bound)
+                    FlowStep(
+                        c,
+                        self.hidden,
+                        self.cond_dim,
+                        self.padding,
+                        self.scale_bound,
+                        coupling=self.coupling,
+                        spline_bins=self.spline_bins,
+                        spline_tail_bound=self.spline_tail_bound,
+                    )
                     for _ in range(self.steps_per_level)
                 )
             )
@@ -195,6 +223,9 @@ class Glow(nn.Module):
             "cond_dim": self.cond_dim,
             "padding": self.padding,
             "scale_bound": self.scale_bound,
+            "coupling": self.coupling,
+            "spline_bins": self.spline_bins,
+            "spline_tail_bound": self.spline_tail_bound,
             "prior_bound": self.prior_bound,
             "learn_top_prior": self.learn_top_prior,
             "stationary": self.stationary is not None,
@@ -212,7 +243,8 @@ class Glow(nn.Module):
     def from_config(cls, config: dict[str, Any], *, init_seed: int | None = None) -> Glow:
         """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics); ``init_seed`` as
         in the constructor. ``log_shift``, ``margin``, ``shift_method`` and ``shift_degree`` (the degree of a
-        conditional model's θ-dependent preprocessing; ``None``: one for all θ) configure the :class:`Preprocess`."""
+        conditional model's θ-dependent preprocessing; ``None``: one for all θ) configure the :class:`Preprocess`.
+        A config saved before ``coupling`` existed lacks it and the spline keys: an affine model, as it was."""
         cfg = dict(config)
         pre = Preprocess(
             cfg["in_channels"],

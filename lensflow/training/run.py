@@ -40,7 +40,19 @@ from lensflow.training.settings import ModelSettings
 
 __all__ = ["check_resume", "train"]
 
-_ARCH_KEYS = ("levels", "steps", "hidden", "padding", "log_shift", "scale_bound", "prior_bound", "learn_top_prior")
+_ARCH_KEYS = (
+    "levels",
+    "steps",
+    "hidden",
+    "padding",
+    "log_shift",
+    "scale_bound",
+    "coupling",
+    "spline_bins",
+    "spline_tail_bound",
+    "prior_bound",
+    "learn_top_prior",
+)
 _FINAL_SEED_OFFSET = 1_000_003  # the final check's latents differ from every in-training check's
 
 
