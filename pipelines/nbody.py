@@ -3,6 +3,7 @@
     python pipelines/nbody.py gaussian-part --ckpt <best.ckpt> --n 4000 --out runs/nbody/gaussian_part.h5
     python pipelines/nbody.py bits --ckpt <best.ckpt> --maps runs/nbody/heldout.h5 --n 2000 --out runs/nbody/bits.json
     python pipelines/nbody.py sims --train <training store> --heldout runs/nbody/heldout.h5 --out runs/nbody/sims.json
+    python pipelines/nbody.py halves --store runs/nbody/heldout.h5 --out-even runs/nbody/a.h5 --out-odd runs/nbody/b.h5
 
 ``gaussian-part``: ``n`` mocks drawn through the checkpoint's preprocessing (the fitted shifted log) and its crop
 Gaussian alone, with standard-normal latents (no Glow), into a mock store that ``lensflow.validate`` reads.
@@ -11,6 +12,7 @@ the whole model, paired on the same maps; their difference is what the Glow lear
 ``sims``: the simulator's own figures on the stores: the mean C_ℓ against pyccl's halofit Limber C_ℓ, the
 rank-Gaussianized peak test (:mod:`lensflow.compare.gaussianity`), and how independent maps that share a box are
 (``1 + (K−1)ρ̄``: the variance of a box's K-map mean over that of K independent maps, per statistic bin).
+``halves``: the store's even and odd boxes as two stores, for the simulations-against-simulations control.
 ``pipelines/nbody.sh`` runs the whole sequence.
 """
 
@@ -27,7 +29,7 @@ import torch
 from cond_gaussian_part import gaussian_part_log_prob, gaussian_part_sample
 
 from lensflow._util.atomic import write_json
-from lensflow.mapstore import MapStoreWriter, StoreMeta, open_store
+from lensflow.mapstore import MapStoreWriter, StoreMeta, open_store, write_store
 from lensflow.model import KappaFlow
 from lensflow.provenance import provenance
 
@@ -122,6 +124,16 @@ def cmd_sims(a: argparse.Namespace) -> None:
     print(out["cl_over_halofit"], out["rank_gaussianized_peaks"]["max_abs_z"], out["box_inflation"])
 
 
+def cmd_halves(a: argparse.Namespace) -> None:
+    """Two stores of disjoint boxes (even and odd realization ids) for the simulations-against-simulations control."""
+    st = open_store(a.store)
+    rid = st.read_realization()
+    for parity, out in ((0, a.out_even), (1, a.out_odd)):
+        idx = np.flatnonzero(rid % 2 == parity)
+        write_store(out, st.read(idx), st.meta, realization=rid[idx], split=np.full(idx.size, 2), overwrite=True)
+        print(f"wrote {idx.size} maps of {np.unique(rid[idx]).size} boxes to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -141,9 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--heldout", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
+    h = sub.add_parser("halves")
+    h.add_argument("--store", required=True)
+    h.add_argument("--out-even", required=True)
+    h.add_argument("--out-odd", required=True)
     a = p.parse_args(argv)
     try:
-        {"gaussian-part": cmd_gaussian_part, "bits": cmd_bits, "sims": cmd_sims}[a.cmd](a)
+        {"gaussian-part": cmd_gaussian_part, "bits": cmd_bits, "sims": cmd_sims, "halves": cmd_halves}[a.cmd](a)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 
