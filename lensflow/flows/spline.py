@@ -1,5 +1,5 @@
-"""Monotonic rational-quadratic spline coupling with linear tails (Durkan, Bekasov, Murray & Papamakarios 2019,
-"Neural Spline Flows")."""
+"""Monotonic rational-quadratic spline coupling with identity (linear, unit-slope) tails (Durkan, Bekasov, Murray &
+Papamakarios 2019, "Neural Spline Flows")."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["MAX_BINS", "SplineCoupling", "rq_spline"]
 MIN_BIN_WIDTH = 1e-3  # as a fraction of 2 * tail_bound
 MIN_BIN_HEIGHT = 1e-3
 MIN_DERIVATIVE = 1e-3
-MAX_BINS = 256  # bins * MIN_BIN_WIDTH < 1, and beyond a few dozen bins a wider network does better
+MAX_BINS = 256  # keeps bins * MIN_BIN_WIDTH (and MIN_BIN_HEIGHT) well below 1
 
 
 class SplineCoupling(nn.Module):
