@@ -1,5 +1,5 @@
-"""Monotonic rational-quadratic spline coupling with linear tails (Durkan, Bekasov, Murray & Papamakarios 2019,
-"Neural Spline Flows")."""
+"""Monotonic rational-quadratic spline coupling with identity (linear, unit-slope) tails (Durkan, Bekasov, Murray &
+Papamakarios 2019, "Neural Spline Flows")."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["MAX_BINS", "SplineCoupling", "rq_spline"]
 MIN_BIN_WIDTH = 1e-3  # as a fraction of 2 * tail_bound
 MIN_BIN_HEIGHT = 1e-3
 MIN_DERIVATIVE = 1e-3
-MAX_BINS = 256  # bins * MIN_BIN_WIDTH < 1, and beyond a few dozen bins a wider network does better
+MAX_BINS = 256  # keeps bins * MIN_BIN_WIDTH (and MIN_BIN_HEIGHT) well below 1
 
 
 class SplineCoupling(nn.Module):
@@ -63,49 +63,51 @@ class SplineCoupling(nn.Module):
         self.net = CouplingNet(self.n_keep, self.n_change * (3 * bins - 1), hidden, cond_dim, padding)
 
     def _params(self, xa: Tensor, cond: Tensor | None) -> Tensor:
-        """Raw spline parameters ``[B, n_change, H, W, 3 * bins - 1]`` (stream dtype): widths, heights, derivatives."""
+        """Raw spline parameters ``[B, H, W, n_change, 3 * bins - 1]`` (stream dtype): widths, heights, derivatives.
+
+        Pixel-major, a view of the network's channels_last output: the parameter gradients then come back
+        channels_last too, the layout the fused CPU backward of the network reads without a strided copy
+        (in NCHW, gathering its 9 taps cost more than the rest of the layer)."""
         cond = check_cond(cond, self.cond_dim, xa.shape[0], "SplineCoupling")
         h = self.net(xa, cond).to(stream_dtype(xa))
         b, _, hh, ww = h.shape
-        # 3 * bins - 1 consecutive output channels per changed channel; the network's channels_last output
-        # makes the parameter axis the innermost after the permute (no copy)
-        return h.reshape(b, self.n_change, 3 * self.bins - 1, hh, ww).permute(0, 1, 3, 4, 2)
+        return h.permute(0, 2, 3, 1).reshape(b, hh, ww, self.n_change, 3 * self.bins - 1)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent direction. Returns ``(y, logdet[B])``."""
         xa, xb = x[:, : self.n_keep], x[:, self.n_keep :]
         theta = self._params(xa, cond)
         with no_autocast(x):
-            yb, lad = rq_spline(xb.to(theta.dtype), theta, self.tail_bound)
+            yb, lad = rq_spline(xb.permute(0, 2, 3, 1).to(theta.dtype), theta, self.tail_bound)
         logdet = lad.to(acc_dtype(x)).sum(dim=(1, 2, 3))
-        return torch.cat([xa, yb.to(x.dtype)], dim=1), logdet
+        return torch.cat([xa, yb.permute(0, 3, 1, 2).to(x.dtype)], dim=1), logdet
 
     def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
         ya, yb = y[:, : self.n_keep], y[:, self.n_keep :]
         theta = self._params(ya, cond)
         with no_autocast(y):
-            xb, _ = rq_spline(yb.to(theta.dtype), theta, self.tail_bound, inverse=True)
-        return torch.cat([ya, xb.to(y.dtype)], dim=1)
+            xb, _ = rq_spline(yb.permute(0, 2, 3, 1).to(theta.dtype), theta, self.tail_bound, inverse=True)
+        return torch.cat([ya, xb.permute(0, 3, 1, 2).to(y.dtype)], dim=1)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, bins={self.bins}, tail_bound={self.tail_bound}"
 
 
-def _knots(logits: Tensor, bound: float, min_size: float) -> tuple[Tensor, Tensor]:
-    """Knot positions ``[..., K + 1]`` (exactly ``-bound`` and ``bound`` at the ends) and bin sizes ``[..., K]``
-    from ``K`` logits; every bin is at least ``min_size * 2 * bound``."""
+def _interior_knots(logits: Tensor, bound: float, min_size: float) -> Tensor:
+    """The ``K - 1`` interior knots ``[..., K - 1]`` in ``(-bound, bound)`` of ``K`` bins from ``K`` logits; every bin
+    is at least ``min_size * 2 * bound`` wide. (The end knots are exactly ``±bound``, added where used.)"""
     k = logits.shape[-1]
     sizes = min_size + (1.0 - min_size * k) * torch.softmax(logits, dim=-1)
-    cum = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))
-    knots = 2.0 * bound * cum - bound
-    knots = torch.cat(
-        [torch.full_like(knots[..., :1], -bound), knots[..., 1:-1], torch.full_like(knots[..., :1], bound)], -1
-    )
-    return knots, knots[..., 1:] - knots[..., :-1]
+    return 2.0 * bound * torch.cumsum(sizes[..., :-1], dim=-1) - bound
 
 
-def _pick(t: Tensor, idx: Tensor) -> Tensor:
-    return torch.gather(t, -1, idx).squeeze(-1)
+def _edges(knots: Tensor, idx: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """Left and right knot of bin ``idx`` ([..., 1] int64 in [0, K - 1]) from the interior ``knots`` [..., K - 1]."""
+    last = knots.shape[-1]
+    left = torch.gather(knots, -1, (idx - 1).clamp_min(0)).squeeze(-1)
+    right = torch.gather(knots, -1, idx.clamp_max(last - 1)).squeeze(-1)
+    i = idx.squeeze(-1)
+    return torch.where(i == 0, -bound, left), torch.where(i == last, bound, right)
 
 
 def rq_spline(v: Tensor, theta: Tensor, bound: float, inverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -119,21 +121,24 @@ def rq_spline(v: Tensor, theta: Tensor, bound: float, inverse: bool = False) -> 
     taken as ``2c / (-b - sqrt(b² - 4ac))``: the textbook ``(-b + sqrt(...)) / 2a`` cancels catastrophically and
     divides by ``a ≈ 0`` near the identity (``a = 0`` exactly there). Outside values are clamped into the interval
     for the arithmetic (no inf/NaN in either branch, hence none in the gradients), then replaced by the identity.
+    Only the bin's two knots and derivatives are gathered (no ``[..., K + 1]`` tensors are built): the per-pixel
+    parameter tensors are the largest of the layer.
     """
     k = (theta.shape[-1] + 1) // 3
-    xk, w = _knots(theta[..., :k], bound, MIN_BIN_WIDTH)
-    yk, h = _knots(theta[..., k : 2 * k], bound, MIN_BIN_HEIGHT)
-    d = 1.0 + F.elu(theta[..., 2 * k :], alpha=1.0 - MIN_DERIVATIVE)  # exactly 1 at 0; > MIN_DERIVATIVE
-    one = torch.ones_like(d[..., :1])
-    d = torch.cat([one, d, one], dim=-1)  # unit slopes at ±bound meet the identity tails
+    xs = _interior_knots(theta[..., :k], bound, MIN_BIN_WIDTH)
+    ys = _interior_knots(theta[..., k : 2 * k], bound, MIN_BIN_HEIGHT)
 
     inside = (v >= -bound) & (v <= bound)
     vc = v.clamp(-bound, bound)
-    knots = yk if inverse else xk
     # bin index = number of interior knots <= v (comparisons rather than searchsorted: vmap-friendly, K is small)
-    idx = (vc[..., None] >= knots[..., 1:-1]).sum(dim=-1, keepdim=True)
-    x0, w0, y0, h0 = _pick(xk, idx), _pick(w, idx), _pick(yk, idx), _pick(h, idx)
-    d0, d1 = _pick(d, idx), _pick(d, idx + 1)
+    idx = (vc[..., None] >= (ys if inverse else xs)).sum(dim=-1, keepdim=True)
+    x0, x1 = _edges(xs, idx, bound)
+    y0, y1 = _edges(ys, idx, bound)
+    w0, h0 = x1 - x0, y1 - y0
+    # knot derivatives 1 + elu(raw) (exactly 1 at raw = 0, > MIN_DERIVATIVE), and 1 at ±bound to meet the tails
+    d0, d1 = _edges(theta[..., 2 * k :], idx, 0.0)  # raw 0 at the ends: derivative 1
+    d0 = 1.0 + F.elu(d0, alpha=1.0 - MIN_DERIVATIVE)
+    d1 = 1.0 + F.elu(d1, alpha=1.0 - MIN_DERIVATIVE)
     s = h0 / w0
     curv = d0 + d1 - 2.0 * s
     if inverse:
@@ -153,5 +158,4 @@ def rq_spline(v: Tensor, theta: Tensor, bound: float, inverse: bool = False) -> 
     lad = torch.log(s * s * (d1 * xi * xi + 2.0 * s * t + d0 * (1.0 - xi) ** 2)) - 2.0 * torch.log(den)
     if inverse:
         lad = -lad
-    zero = torch.zeros_like(lad)
-    return torch.where(inside, out, v), torch.where(inside, lad, zero)
+    return torch.where(inside, out, v), torch.where(inside, lad, 0.0)
