@@ -340,7 +340,7 @@ def test_report_and_compare_import_no_higher_floor():
     """compare/ stays on the ground floor (no Hydra, no Lightning) and report/ takes data in: it imports no
     command package."""
     mods = ["lensflow.compare", *(f"lensflow.report.{m}" for m in ("figures", "html", "notebook", "text"))]
-    higher = ["hydra", "omegaconf", "lightning", "lensflow.validation", "lensflow.validate", "lensflow.pipeline"]
+    higher = ["hydra", "omegaconf", "lightning", "lensflow.validation", "lensflow.validate", "lensflow.workflow"]
     higher += ["lensflow.training", "lensflow.generation", "lensflow.train", "lensflow.generate", "lensflow.model"]
     code = (
         f"import importlib, sys\nfor m in {mods!r}:\n    importlib.import_module(m)\n"
