@@ -21,7 +21,7 @@ from lensflow.checkpoint import NonFiniteCheckpointError
 from lensflow.mapstore import StoreMeta, write_store
 from lensflow.model import KappaFlow
 from lensflow.training import GlowModule, sample_check
-from lensflow.training.checks import check_options
+from lensflow.training.sample_check import check_options
 from lensflow.training.schedule import WarmupCosine
 from lensflow.training.settings import CheckSettings
 
@@ -541,8 +541,8 @@ def test_damaged_and_hostile_files_are_told_apart_without_advising_weights_only_
 
 def test_the_console_summary_reports_z_and_the_worst_well_populated_bin_not_empty_bins():
     """Issue 26.7: "peak counts 19.7 % / 6.2 %" was a max over all bins, dominated by nearly empty ones."""
-    from lensflow.training.checks import metrics_of
-    from lensflow.training.text import train_summary_text
+    from lensflow.report.text import train_summary_text
+    from lensflow.training.sample_check import metrics_of
 
     # three peak bins: measured to 1 % with a 2 % error; 40 % with a 50 % error (nearly empty); 3 % with 1 %
     mr = np.array([100.0, 0.5, 10.0])

@@ -11,7 +11,8 @@ errors, the rule of :func:`lensflow.compare.summary_rows`): ``cl_frac_max``, ``c
 ``peaks_frac_max``, ``peaks_frac_mean``, ``pdf_frac_max``, ``pdf_frac_mean``. What a user can judge: ``<stat>_z_max``,
 the largest |error| / standard error over the bins (about 3 or less when the sets agree), and
 ``<stat>_frac_populated_max``, the largest |fractional error| over the well-populated bins, those whose fractional
-standard error is at most half the statistic's target (:data:`TARGETS`; a miss is then a ≥ 2σ detection), with their
+standard error is at most half the statistic's target (:data:`lensflow.compare.tolerances.CHECK_TARGETS`; a miss
+is then a ≥ 2σ detection), with their
 count ``<stat>_populated_bins``: a maximum over all bins is dominated by nearly empty ones (peaks and PDF tails).
 Plus ``std_ratio`` (pixel standard deviations), ``n_samples`` and ``nonfinite_samples`` (dropped before measuring).
 
@@ -36,9 +37,10 @@ from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
 from lensflow._util.seeds import child_ints
 from lensflow.compare import compare
+from lensflow.compare.tolerances import CHECK_TARGETS, POPULATED_SE
 from lensflow.mapstore import StoreMeta
+from lensflow.report.check_figures import check_figures
 from lensflow.stats import summary_bins
-from lensflow.training.figures import check_figures
 from lensflow.training.settings import CheckSettings
 from lensflow.validation import statistics_of, summary_config_for
 
@@ -59,10 +61,6 @@ METRICS = (
     "pdf_frac_mean",
     *(f"{s}_{m}" for s in STATISTICS for m in ("z_max", "frac_populated_max", "populated_bins")),
 )
-#: The accuracy asked of the mean per bin (fractional): the issue's targets, as pipelines/conditional.py measures them.
-TARGETS = {"cl": 0.03, "peaks": 0.05, "pdf": 0.05}
-#: A bin is well populated when its fractional standard error is at most this part of its statistic's target.
-POPULATED_SE = 0.5
 
 
 def check_options(check: CheckSettings, meta: StoreMeta) -> dict[str, Any]:
@@ -210,7 +208,7 @@ def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
         live = (se > 0) & np.isfinite(z)
         out[f"{key}_z_max"] = float(z[live].max()) if live.any() else math.nan
         with np.errstate(divide="ignore", invalid="ignore"):
-            full = use & (se <= POPULATED_SE * TARGETS.get(key, 0.05) * mr)
+            full = use & (se <= POPULATED_SE * CHECK_TARGETS.get(key, 0.05) * mr)
         out[f"{key}_frac_populated_max"] = float(frac[full].max()) if full.any() else math.nan
         out[f"{key}_populated_bins"] = float(full.sum())
     return out
