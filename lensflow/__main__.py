@@ -9,7 +9,7 @@ from lensflow import __version__, cli
 __all__ = ["COMMANDS", "main"]
 
 #: The commands, in the order of a run (each is ``python -m lensflow.<name> key=value ...``, ``--help`` for more).
-COMMANDS = ("simulate", "ingest", "train", "generate", "validate", "infer", "export", "bench", "pipeline")
+COMMANDS = ("simulate", "ingest", "train", "generate", "validate", "infer", "export", "bench", "run_experiment")
 
 USAGE = f"usage: python -m lensflow.COMMAND [key=value ...]  (COMMAND: {', '.join(COMMANDS)}; --version)"
 

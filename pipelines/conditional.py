@@ -222,7 +222,7 @@ def run_infer(a: argparse.Namespace, out: Path) -> None:
     """Simulate maps at the held-out interior θ (a zip grid store), then ``lensflow.infer`` on them."""
     from lensflow import cli
     from lensflow.inference import infer
-    from lensflow.simulate import simulate
+    from lensflow.simulation import simulate
 
     om, s8 = zip(*HELD_OUT["interior"], strict=True)
     store = out / "heldout_maps.h5"

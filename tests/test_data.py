@@ -11,7 +11,7 @@ import torch
 from lensflow.mapstore import MapStoreError, StoreMeta, open_store, write_store
 from lensflow.training.augment import dihedral_transform, random_augment, roll_each
 from lensflow.training.data import KappaDataModule
-from lensflow.training.sampler import EpochSampler
+from lensflow.training.order import EpochSampler
 
 
 def _store(path, n=60, npix=16, channels=1, periodic=False, params=True, seed=0):

@@ -333,7 +333,7 @@ def test_shape_noise_is_seeded_and_recorded(tmp_path, ckpts):
 
 @pytest.mark.parametrize("layout", ["files", "cube"])
 def test_fits_output_read_back_by_ingest(tmp_path, ckpts, layout):
-    from lensflow.ingest import ingest
+    from lensflow.ingestion import ingest
 
     ck = ckpts["cond"]
     kw = dict(ckpt=str(ck), n_maps=3, batch_size=2, cond={"Omega_m": [0.25, 0.35], "sigma_8": 0.8})

@@ -36,8 +36,8 @@ def _independent_gap(ckpt, store_path, split: str, n: int) -> float:
 
 
 def test_a_tiny_training_run_reports_its_kl_gap(tiny_store, tmp_path):
+    from lensflow.report.text import train_summary_text
     from lensflow.training import train
-    from lensflow.training.text import train_summary_text
 
     cfg = compose("train", *TINY_KL, f"data.path={tiny_store}", f"paths.run_dir={tmp_path / 'r'}")
     res = train(cfg)

@@ -21,9 +21,10 @@ from lensflow.checkpoint import NonFiniteCheckpointError
 from lensflow.mapstore import StoreMeta, write_store
 from lensflow.model import KappaFlow
 from lensflow.training import GlowModule, sample_check
-from lensflow.training.checks import check_options
+from lensflow.training.sample_check import STATISTICS
 from lensflow.training.schedule import WarmupCosine
 from lensflow.training.settings import CheckSettings
+from lensflow.validation import MeasureOptions
 
 SMALL = {"levels": 2, "steps": 2, "hidden": 8, "shift_method": "margin", "stationary": False}
 #: The amplitude |k|^-1.2 of the red 32x32 fields of the sample-check tests.
@@ -365,7 +366,7 @@ def test_the_training_check_gives_validates_numbers_for_the_same_maps(tmp_path):
     write_store(tmp_path / "cand.h5", cand, StoreMeta(2.0, (1.0,), periodic=True, kind="mock"))
     chk = CheckSettings(smoothing_arcmin=4.0, n_bins=12)
     check = sample_check(_Stub(cand, 32, 2.0), ref, check=chk)
-    opts = check_options(chk, meta)
+    opts = MeasureOptions.for_check(chk, meta, STATISTICS)
     cfg = compose(
         "validate",
         f"reference={tmp_path / 'ref.h5'}",
@@ -374,10 +375,10 @@ def test_the_training_check_gives_validates_numbers_for_the_same_maps(tmp_path):
         "reference_split=all",
         "candidate_split=all",
         "max_maps=null",
-        f"statistics=[{','.join(opts['statistics'])}]",
-        f"smoothing_arcmin={opts['smoothing_arcmin']}",
-        f"bins.peak_edges={opts['bins']['peak_edges']}",
-        f"bins.pdf_edges={opts['bins']['pdf_edges']}",
+        f"statistics=[{','.join(opts.statistics)}]",
+        f"smoothing_arcmin={list(opts.smoothing_arcmin)}",
+        f"bins.peak_edges={opts.bins.peak_edges}",
+        f"bins.pdf_edges={opts.bins.pdf_edges}",
         "memorization.enabled=false",
         "figures.enabled=false",
         "progress=false",
@@ -566,8 +567,8 @@ def test_damaged_and_hostile_files_are_told_apart_without_advising_weights_only_
 
 def test_the_console_summary_reports_z_and_the_worst_well_populated_bin_not_empty_bins():
     """Issue 26.7: "peak counts 19.7 % / 6.2 %" was a max over all bins, dominated by nearly empty ones."""
-    from lensflow.training.checks import metrics_of
-    from lensflow.training.text import train_summary_text
+    from lensflow.report.text import train_summary_text
+    from lensflow.training.sample_check import metrics_of
 
     # three peak bins: measured to 1 % with a 2 % error; 40 % with a 50 % error (nearly empty); 3 % with 1 %
     mr = np.array([100.0, 0.5, 10.0])

@@ -314,7 +314,7 @@ def test_the_config_cosmology_is_the_library_default():
     every simulator config takes it."""
     from helpers.config import plain
 
-    from lensflow.simulate import SIM_KEYS
+    from lensflow.simulation.spec import SIM_KEYS
 
     assert plain("simulate")["sim"]["cosmology"] == PLANCK18
     for name in ("gaussian_flat", "lognormal_flat", "lognormal_fullsky"):

@@ -154,7 +154,7 @@ def test_one_map_without_batch_axis_is_accepted():
 def _simulated_store(tmp_path, *overrides):
     from hydra import compose, initialize_config_module
 
-    from lensflow.simulate import simulate
+    from lensflow.simulation import simulate
 
     out = tmp_path / "s.h5"
     with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):

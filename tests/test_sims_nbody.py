@@ -151,7 +151,7 @@ def test_bad_geometry_is_one_line(kw, needle):
 
 def test_store_splits_by_box_and_records_box_ids(tmp_path):
     from lensflow.mapstore import open_store
-    from lensflow.simulate import box_splits, simulate
+    from lensflow.simulation import box_splits, simulate
 
     out = tmp_path / "nb.h5"
     cfg = {

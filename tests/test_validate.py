@@ -307,7 +307,7 @@ def test_arrays_and_stores_give_identical_statistics(stores, tmp_path):
             ref_maps = ref.read(written["indices"]["reference"])
             cand_maps = cand.read(written["indices"]["candidate"])
             meta = ref.meta
-        options = validation.MeasureOptions.from_mapping(cfg)
+        options = validation.MeasureOptions.from_config(cfg)
         sc = validation.summary_config_for(options, meta, ref_maps, seed=s_sigma)
         assert sc.to_dict() == summary["summary_config"]
         s_ref = validation.statistics_of(ref_maps, sc, seed=s_noise_ref, batch_size=50)
@@ -315,32 +315,41 @@ def test_arrays_and_stores_give_identical_statistics(stores, tmp_path):
         for name in s_ref:
             np.testing.assert_array_equal(s_ref[name], written["reference"][name])
             np.testing.assert_array_equal(s_cand[name], written["candidate"][name])
-        verdicts = validation.compare(s_ref, s_cand, validation.load_config(cfg).tolerances)
+        verdicts = validation.compare(s_ref, s_cand, validation.ValidationRequest.from_config(cfg).tolerances)
         assert {n: r["verdict"]["pass"] for n, r in verdicts["statistics"].items()} == summary["verdicts"]
 
 
-def test_partial_options_take_the_yaml_defaults():
-    """One default per knob: what a mapping leaves out is conf/validate.yaml's value (smoothing [2, 4]),
-    and the YAML's tolerances are the compare dataclasses' defaults."""
-    from lensflow.compare import MemorizationTolerances, Tolerances
-    from lensflow.validation import MeasureOptions, load_config
+def test_partial_options_take_the_library_defaults():
+    """One default per knob: what a mapping leaves out is ``validation.config.DEFAULTS``'s value (smoothing [2, 4]),
+    the YAML gives the command line the same values in the same order (no YAML is read at run time), and the
+    tolerances are the compare dataclasses' defaults."""
+    from helpers.config import plain
 
+    from lensflow.compare import MemorizationTolerances, Tolerances
+    from lensflow.validation import MeasureOptions, ValidationRequest
+    from lensflow.validation.config import DEFAULTS
+
+    composed = plain("validate")
+    assert DEFAULTS == composed and list(DEFAULTS) == list(composed)
+    for key, node in DEFAULTS.items():
+        if isinstance(node, dict):
+            assert list(node) == list(composed[key]), key
     cfg = compose("validate", "reference=a.h5", "candidate=b.h5", "out=o")
-    assert MeasureOptions.from_mapping({}) == MeasureOptions.from_mapping(cfg)
-    assert MeasureOptions.from_mapping({}).smoothing_arcmin == (2.0, 4.0)
-    assert MeasureOptions.from_mapping({"smoothing_arcmin": [3.0]}).smoothing_arcmin == (3.0,)
-    vc = load_config(cfg)
+    assert MeasureOptions.from_config({}) == MeasureOptions.from_config(cfg)
+    assert MeasureOptions.from_config({}).smoothing_arcmin == (2.0, 4.0)
+    assert MeasureOptions.from_config({"smoothing_arcmin": [3.0]}).smoothing_arcmin == (3.0,)
+    vc = ValidationRequest.from_config(cfg)
     assert vc.tolerances == Tolerances()
     assert vc.memorization.tolerances == MemorizationTolerances()
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['bins.ell_bins'\]"):
-        MeasureOptions.from_mapping({"bins": {"ell_bins": 10}})
+        MeasureOptions.from_config({"bins": {"ell_bins": 10}})
 
 
 def test_report_and_compare_import_no_higher_floor():
     """compare/ stays on the ground floor (no Hydra, no Lightning) and report/ takes data in: it imports no
     command package."""
     mods = ["lensflow.compare", *(f"lensflow.report.{m}" for m in ("figures", "html", "notebook", "text"))]
-    higher = ["hydra", "omegaconf", "lightning", "lensflow.validation", "lensflow.validate", "lensflow.pipeline"]
+    higher = ["hydra", "omegaconf", "lightning", "lensflow.validation", "lensflow.validate", "lensflow.workflow"]
     higher += ["lensflow.training", "lensflow.generation", "lensflow.train", "lensflow.generate", "lensflow.model"]
     code = (
         f"import importlib, sys\nfor m in {mods!r}:\n    importlib.import_module(m)\n"

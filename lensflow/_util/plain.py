@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["to_plain"]
+__all__ = ["merge", "to_plain"]
 
 
 def to_plain(obj: Any, *, nan_to_none: bool = False) -> Any:
@@ -40,6 +40,24 @@ def to_plain(obj: Any, *, nan_to_none: bool = False) -> Any:
     if isinstance(obj, Sequence) and not isinstance(obj, (bytes, bytearray)):
         return [to_plain(v, nan_to_none=nan_to_none) for v in obj]
     return str(obj)
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, nested mappings merged key by key (as OmegaConf merges configs).
+
+    The one merge of a partial config over its defaults. The result is a new dict whose nested dicts and lists
+    are copies: changing it changes neither input.
+    """
+    out = {k: _copy(v) for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else _copy(v)
+    return out
+
+
+def _copy(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return merge({}, v)
+    return [_copy(x) for x in v] if isinstance(v, list) else v
 
 
 def _is_omegaconf(obj: Any) -> bool:

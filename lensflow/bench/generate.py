@@ -38,15 +38,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _experiment(name: str) -> Any:
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    """The training config of experiment ``name``, composed by the one composer :func:`lensflow.cli.compose`."""
+    from lensflow import cli
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="lensflow.conf", version_base="1.3"):
-            return compose(config_name="train", overrides=[f"+experiment={name}"])
-    finally:
-        GlobalHydra.instance().clear()
+    return cli.compose("train", [f"+experiment={name}"])
 
 
 def build_module(name: str, seed: int = 0) -> KappaFlow:

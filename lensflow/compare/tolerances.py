@@ -17,10 +17,23 @@ from scipy import stats as sps
 
 from lensflow._util.checks import check_choice, check_int, check_number
 
-__all__ = ["MULTIPLE_TESTING", "MemorizationTolerances", "Tolerances", "family_alpha", "per_bin_sigma"]
+__all__ = [
+    "CHECK_TARGETS",
+    "MULTIPLE_TESTING",
+    "POPULATED_SE",
+    "MemorizationTolerances",
+    "Tolerances",
+    "family_alpha",
+    "per_bin_sigma",
+]
 
 #: Corrections of per-bin thresholds for the number of tests in a family.
 MULTIPLE_TESTING = ("sidak", "bonferroni", "none")
+#: The accuracy asked of the mean per bin (fractional) by training's sample check, per statistic: the issue's
+#: targets, as pipelines/conditional.py measures them.
+CHECK_TARGETS: dict[str, float] = {"cl": 0.03, "peaks": 0.05, "pdf": 0.05}
+#: A bin is well populated when its fractional standard error is at most this part of its statistic's target.
+POPULATED_SE = 0.5
 
 _T = TypeVar("_T")
 

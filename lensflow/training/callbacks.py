@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lensflow._util.atomic import write_json
 from lensflow._util.checks import check_bool, check_int, check_optional_int
 from lensflow._util.plain import to_plain
-from lensflow.training.checks import SampleCheck
 from lensflow.training.kl import KLGap
+from lensflow.training.sample_check import SampleCheck
 from lensflow.training.settings import CheckSettings
 
 __all__ = ["CallbackSettings", "Callbacks", "FinalLast", "ParamDigest", "make_callbacks"]

@@ -37,7 +37,7 @@ from lensflow._util.checks import check_int, check_optional_int
 from lensflow._util.seeds import mix
 from lensflow.mapstore import MapStore, MapStoreError, StoreMeta, open_store
 from lensflow.training.augment import dihedral_transform, random_augment, roll_each
-from lensflow.training.sampler import EpochSampler
+from lensflow.training.order import EpochSampler
 
 __all__ = ["EpochSampler", "KappaDataModule", "dihedral_transform", "random_augment", "roll_each"]
 

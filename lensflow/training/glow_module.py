@@ -8,7 +8,7 @@ non-finite on any rank is skipped on every rank and counted (``train/skipped_ste
 ``optim.max_nonfinite_steps`` in a row stop the run (:class:`TrainingDivergedError`), and no checkpoint with
 NaN/Inf tensors is written. The network comes from :meth:`lensflow.flows.Glow.from_config`, the checkpoint
 format from :mod:`lensflow.checkpoint`; the in-training sample check is a callback
-(:class:`lensflow.training.checks.SampleCheck`). The trained model itself (sampling, scoring, loading) is
+(:class:`lensflow.training.sample_check.SampleCheck`). The trained model itself (sampling, scoring, loading) is
 :class:`lensflow.model.KappaFlow`, held as :attr:`GlowModule.model`.
 """
 

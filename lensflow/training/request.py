@@ -206,7 +206,7 @@ def resolve_store(data: DataRequest) -> Path:
         )
     if not data.simulate:
         raise ValueError("data.path is null and there is no data.simulate spec to simulate a store from")
-    from lensflow.simulate import ensure_simulated
+    from lensflow.simulation import ensure_simulated
 
     with _file_lock(data.data_dir / ".simulate.lock"):
         return Path(ensure_simulated(dict(data.simulate), data.data_dir)).resolve()

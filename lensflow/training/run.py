@@ -30,12 +30,12 @@ from lensflow.model import KappaFlow
 from lensflow.provenance import provenance
 from lensflow.training.callbacks import Callbacks, make_callbacks
 from lensflow.training.checkpoint_io import AtomicCheckpointIO
-from lensflow.training.checks import full_verdict, sample_check
 from lensflow.training.data import KappaDataModule
 from lensflow.training.glow_module import GlowModule
 from lensflow.training.kl import KLGap, kl_gaps, summary_of
 from lensflow.training.loggers import make_logger
 from lensflow.training.request import TrainRequest, resolve_store
+from lensflow.training.sample_check import full_verdict, sample_check
 from lensflow.training.settings import ModelSettings
 
 __all__ = ["check_resume", "train"]

@@ -62,7 +62,7 @@ class OptimSettings(Settings):
 
 @dataclass(frozen=True)
 class CheckSettings(Settings):
-    """The sample check against the validation maps (:mod:`lensflow.training.checks`).
+    """The sample check against the validation maps (:mod:`lensflow.training.sample_check`).
 
     ``every``: epochs between in-training checks (0: none). ``n_samples``: maps drawn (and at most as many
     validation maps compared). ``smoothing_arcmin``: Gaussian σ before peaks and PDF (``None``: 2 pixels).

@@ -1,36 +1,36 @@
-"""The validate configuration: the ``conf/validate.yaml`` tree turned, once, into typed objects.
+"""What ``python -m lensflow.validate`` is asked to do: the config tree turned, once, into typed objects.
 
-This is the only module that reads that tree. :func:`load_config` takes the composed config of
-``python -m lensflow.validate`` (or any mapping of the same shape) and returns a
-:class:`ValidationConfig`; nothing below it looks a key up or falls back to a default of its own.
+This is the only module that reads that tree. :meth:`ValidationRequest.from_config` takes the composed config of
+``python -m lensflow.validate`` (or any mapping of the same shape) and returns a :class:`ValidationRequest`;
+nothing below it looks a key up or falls back to a default of its own.
 
-One default per knob: the command's knobs are set in ``conf/validate.yaml``, and a mapping that leaves
-keys out (a notebook, the in-training check) gets those keys' values from the same file, read by
-:func:`yaml_defaults`. The tolerances are library knobs of :mod:`lensflow.compare` (their defaults are
-dataclass fields; the YAML restates them for the command line, and a test keeps the two equal).
+One default per knob, in Python: a mapping that leaves keys out (a notebook, a Python caller) gets them from
+:data:`DEFAULTS`, whose tolerances are the :mod:`lensflow.compare` dataclasses' own defaults. ``conf/validate.yaml``
+gives the command line the same values (a test keeps them equal); nothing reads it at run time. The in-training
+check measures with :meth:`MeasureOptions.for_check`.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import yaml
 
 from lensflow._util.checks import check_bool, check_choice, check_int, check_number, check_optional_int
 from lensflow._util.devices import resolve_device
-from lensflow._util.plain import to_plain
+from lensflow._util.plain import merge, to_plain
 from lensflow.compare import MemorizationTolerances, Tolerances
-from lensflow.mapstore import SPLITS
+from lensflow.mapstore import SPLITS, StoreMeta
 from lensflow.report.notebook import REPORT_NOTEBOOK
 from lensflow.stats.summary import STATISTICS
 
 __all__ = [
+    "DEFAULTS",
     "BinOptions",
     "FigureOptions",
     "MeasureOptions",
@@ -38,10 +38,8 @@ __all__ = [
     "NoiseOptions",
     "NotebookOptions",
     "Selection",
-    "ValidationConfig",
+    "ValidationRequest",
     "check_split",
-    "load_config",
-    "yaml_defaults",
 ]
 
 NOISE_MODELS = ("none", "survey")
@@ -50,37 +48,64 @@ _EDGE_KEYS = ("ell_edges", "peak_edges", "minima_edges", "pdf_edges", "minkowski
 _MISSING = "???"  # Hydra's mandatory value
 
 
-@functools.lru_cache(maxsize=1)
-def _yaml_tree() -> dict[str, Any]:
-    text = files("lensflow.conf").joinpath("validate.yaml").read_text(encoding="utf-8")
-    tree = yaml.safe_load(text)
-    return {k: v for k, v in tree.items() if k not in ("defaults", "hydra")}
+_TOLERANCES = to_plain(dataclasses.asdict(Tolerances()))
+_MEMORIZATION_TOLERANCES = to_plain(dataclasses.asdict(MemorizationTolerances()))
 
-
-def yaml_defaults() -> dict[str, Any]:
-    """A fresh copy of the values ``conf/validate.yaml`` sets (the Hydra blocks left out)."""
-    return _merge({}, _yaml_tree())
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``, recursively for nested mappings (both plain)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else _copy(v)
-    return out
-
-
-def _copy(v: Any) -> Any:
-    return _merge({}, v) if isinstance(v, Mapping) else (list(v) if isinstance(v, list) else v)
+#: Every key of a validate config and its default, in ``conf/validate.yaml``'s order (a test keeps the two equal).
+#: ``reference``, ``candidate`` and ``out`` are required.
+DEFAULTS: dict[str, Any] = {
+    "reference": _MISSING,
+    "reference_split": "test",
+    "candidate": _MISSING,
+    "candidate_split": "all",
+    "out": _MISSING,
+    "overwrite": False,
+    "select": {},
+    "max_maps": 1000,
+    "batch_size": 128,
+    "seed": 0,
+    "device": "auto",
+    "progress": True,
+    "statistics": ["cl", "peaks", "minima", "pdf", "minkowski", "moments"],
+    "smoothing_arcmin": [2.0, 4.0],
+    "noise": {"model": "none", "sigma_e": 0.26, "n_gal": 30.0},
+    "bins": {
+        "units": "nu",
+        "nu_sigma": "auto",
+        "reference_sigma_maps": 256,
+        "ell_nbins": 20,
+        "ell_edges": None,
+        "cross": True,
+        "border_arcmin": "auto",
+        "peak_edges": None,
+        "minima_edges": None,
+        "pdf_edges": None,
+        "minkowski_thresholds": None,
+    },
+    "tolerances": _TOLERANCES,
+    "emulator": None,
+    "field": {"max_maps": 1000, "kl_tolerance": None},
+    "memorization": {
+        "enabled": "auto",
+        "training": None,
+        "training_split": "train",
+        "max_maps": 500,
+        "batch_size": 256,
+        "dihedral": False,
+        **_MEMORIZATION_TOLERANCES,
+    },
+    "figures": {"enabled": True, "sample_maps": 4, "dpi": 110},
+    "notebook": {"execute": False, "path": None, "timeout": 600},
+}
 
 
 def _complete(m: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """``m`` as plain types on top of the YAML's values; unknown keys are an error (one line)."""
+    """``m`` as plain types on top of :data:`DEFAULTS`; unknown keys are an error (one line)."""
     plain = to_plain(m)
     if not isinstance(plain, dict):
         raise ValueError(f"validate config: expected a mapping, got {type(m).__name__}")
-    _check_known(plain, _yaml_tree(), "")
-    return _merge(yaml_defaults(), plain)
+    _check_known(plain, DEFAULTS, "")
+    return merge(DEFAULTS, plain)
 
 
 def _check_known(m: Mapping[str, Any], base: Mapping[str, Any], prefix: str) -> None:
@@ -182,19 +207,27 @@ class MeasureOptions:
             raise ValueError("bins.nu_sigma: 'noise' needs noise.model=survey (there is no noise sigma otherwise)")
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | MeasureOptions) -> MeasureOptions:
-        """From a mapping shaped like conf/validate.yaml (only ``statistics``, ``smoothing_arcmin``,
-        ``noise`` and ``bins`` are read); the keys left out take the YAML's values."""
+    def from_config(cls, m: Mapping[str, Any] | MeasureOptions) -> MeasureOptions:
+        """From a mapping shaped like a validate config (only ``statistics``, ``smoothing_arcmin``, ``noise`` and
+        ``bins`` are read); the keys left out take :data:`DEFAULTS`."""
         if isinstance(m, MeasureOptions):
             return m
-        return cls._from_tree(_complete(m))
+        return _measure_options(_complete(m))
 
     @classmethod
-    def _from_tree(cls, c: Mapping[str, Any]) -> MeasureOptions:
-        b = dict(c["bins"])
-        if b["border_arcmin"] == "auto":
-            b["border_arcmin"] = None
-        return cls(c["statistics"], c["smoothing_arcmin"], NoiseOptions(**c["noise"]), BinOptions(**b))
+    def for_check(cls, check: Any, meta: StoreMeta, statistics: tuple[str, ...]) -> MeasureOptions:
+        """What training's sample check measures: ``statistics`` at one smoothing scale (``check.smoothing_arcmin``,
+        default 2 pixels), no shape noise, ``check.n_bins`` peak and PDF bins over validate's default ν ranges
+        (-2..6 and -4..6); everything else is validate's default."""
+        base = cls.from_config({})
+        sigma = 2.0 * meta.pixel_arcmin if check.smoothing_arcmin is None else float(check.smoothing_arcmin)
+        n = int(check.n_bins)
+        bins = dataclasses.replace(
+            base.bins,
+            peak_edges=np.linspace(-2.0, 6.0, n + 1).tolist(),
+            pdf_edges=np.linspace(-4.0, 6.0, n + 1).tolist(),
+        )
+        return cls(tuple(statistics), (sigma,), base.noise, bins)
 
     @property
     def binned(self) -> bool:
@@ -268,7 +301,7 @@ class FieldOptions:
 
 
 @dataclass(frozen=True)
-class ValidationConfig:
+class ValidationRequest:
     """Everything :func:`lensflow.validation.validate` needs, typed and checked; ``plain`` is the resolved
     tree as written to ``summary.json``."""
 
@@ -286,6 +319,12 @@ class ValidationConfig:
     device: torch.device
     progress: bool
     plain: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> ValidationRequest:
+        """The request of one validation from the composed config (or a mapping of its shape; keys left out take
+        :data:`DEFAULTS`). Raises ``ValueError`` with one line naming the key on bad input, before any work."""
+        return _request(cfg)
 
 
 def _required(c: Mapping[str, Any], key: str) -> Path:
@@ -324,19 +363,23 @@ def _memorization(m: Mapping[str, Any]) -> MemorizationOptions:
     )
 
 
-def load_config(cfg: Mapping[str, Any] | Any) -> ValidationConfig:
-    """The typed configuration of one validation from the composed config (or a mapping of its shape).
+def _measure_options(c: Mapping[str, Any]) -> MeasureOptions:
+    """The measure part of a complete config tree."""
+    b = dict(c["bins"])
+    if b["border_arcmin"] == "auto":
+        b["border_arcmin"] = None
+    return MeasureOptions(c["statistics"], c["smoothing_arcmin"], NoiseOptions(**c["noise"]), BinOptions(**b))
 
-    Raises ``ValueError`` with one line naming the key on bad input (checked before any work is done).
-    """
+
+def _request(cfg: Mapping[str, Any] | Any) -> ValidationRequest:
     c = _complete(cfg)
     fig, nb, fld = c["figures"], c["notebook"], c["field"]
     out = _required(c, "out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} exists and is not a folder")
-    return ValidationConfig(
+    return ValidationRequest(
         selection=_selection(c),
-        measure=MeasureOptions._from_tree(c),
+        measure=_measure_options(c),
         tolerances=Tolerances.from_mapping(c["tolerances"]),
         memorization=_memorization(c["memorization"]),
         figures=FigureOptions(

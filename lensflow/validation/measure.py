@@ -1,19 +1,23 @@
 """Measurement: which maps are compared, the one SummaryConfig for both sets, and their statistics.
 
-:func:`summary_config_for` and :func:`statistics_of` work on maps in memory; :func:`build_summary_config`
-and :func:`compute_statistics` are the same two functions reading the maps from a store, so the
-in-training check and ``python -m lensflow.validate`` measure the same maps to the same numbers.
+:func:`measure_pair` is the one measuring sequence of ``python -m lensflow.validate`` and of training's sample
+check: the seed streams (:func:`seed_streams`), the SummaryConfig from the reference maps, then each set's
+statistics with its own shape-noise stream. A set is maps in memory or ``(store, indices)``.
+:func:`summary_config_for` and :func:`statistics_of` are its steps on maps in memory; :func:`build_summary_config`
+and :func:`compute_statistics` the same two reading the maps from a store, so arrays and stores give the same
+numbers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from lensflow._util.seeds import child_ints
 from lensflow.mapstore import MapStore, StoreMeta
 from lensflow.stats.summary import SummaryConfig, summarize, with_reference_sigma
 from lensflow.validation.config import MeasureOptions, check_split
@@ -23,7 +27,9 @@ __all__ = [
     "build_summary_config",
     "check_compatible",
     "compute_statistics",
+    "measure_pair",
     "parameter_sets",
+    "seed_streams",
     "select_indices",
     "statistics_of",
     "store_record",
@@ -31,6 +37,25 @@ __all__ = [
 ]
 
 Maps = np.ndarray | torch.Tensor
+#: A set of maps to measure: maps [N, C, H, W] in memory, or a store and the indices of its maps.
+MapSet = Maps | tuple[MapStore, np.ndarray]
+
+
+class SeedStreams(NamedTuple):
+    """The independent seeds of one comparison, spawned from its one seed (:func:`seed_streams`)."""
+
+    subset_reference: int
+    subset_candidate: int
+    noise_reference: int
+    noise_candidate: int
+    sigma: int
+    permutation: int
+
+
+def seed_streams(seed: int) -> SeedStreams:
+    """The seed split of validate and the sample check. Children 0..4 are the streams of lensflow <= 0.1 (spawned
+    children do not depend on their count), so a seed gives the same subsets and noise as before."""
+    return SeedStreams(*child_ints(seed, 6))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,7 +191,7 @@ def summary_config_for(
         seed: seed of the shape noise behind that σ.
     """
     maps = reference_maps
-    return _summary_config(MeasureOptions.from_mapping(options), meta, lambda k: _as_float32(maps[:k]), device, seed)
+    return _summary_config(MeasureOptions.from_config(options), meta, lambda k: _first(maps, k), device, seed)
 
 
 def build_summary_config(
@@ -178,7 +203,7 @@ def build_summary_config(
 ) -> SummaryConfig:
     """:func:`summary_config_for` of the maps ``ref_idx`` of ``reference`` (only the maps it needs are read)."""
     return _summary_config(
-        MeasureOptions.from_mapping(cfg), reference.meta, lambda k: reference.read(ref_idx[:k]), device, seed
+        MeasureOptions.from_config(cfg), reference.meta, lambda k: _first((reference, ref_idx), k), device, seed
     )
 
 
@@ -194,24 +219,22 @@ def _summary_config(
     border = opts.bins.border_arcmin
     if border is None:
         border = 0.0 if periodic else 2.0 * max(scales)
-    d: dict[str, Any] = {
-        "pixel_arcmin": meta.pixel_arcmin,
-        "smoothing_arcmin": scales,
-        "periodic": periodic,
-        "border_arcmin": float(border),
-        "ell_nbins": opts.bins.ell_nbins,
-        "cross": opts.bins.cross,
-        "bin_units": opts.bins.units,
-        "statistics": opts.statistics,
-        **opts.bins.edges(),
-    }
+    noise: dict[str, float] = {}
     if opts.noise.model == "survey":
-        d["sigma_e"] = float(opts.noise.sigma_e)
-        d["n_gal"] = float(opts.noise.n_gal)
-    if opts.needs_reference_sigma:
-        d["sigma_ref"] = (1.0,) * len(scales)  # placeholder, replaced from the reference maps below
-    sc = SummaryConfig.from_dict(d)
-    if opts.needs_reference_sigma:
+        noise = {"sigma_e": float(opts.noise.sigma_e), "n_gal": float(opts.noise.n_gal)}
+    sc = SummaryConfig(
+        pixel_arcmin=meta.pixel_arcmin,
+        smoothing_arcmin=scales,
+        periodic=periodic,
+        border_arcmin=float(border),
+        ell_nbins=opts.bins.ell_nbins,
+        cross=opts.bins.cross,
+        bin_units=opts.bins.units,
+        statistics=opts.statistics,
+        **noise,
+        **opts.bins.edges(),
+    )
+    if opts.needs_reference_sigma:  # ν edges in units of the reference maps' own σ
         dev = torch.device(device)
         sub = first_maps(max(2, opts.bins.reference_sigma_maps))
         gen = torch.Generator(device=dev).manual_seed(seed) if sc.sigma_e is not None else None
@@ -262,9 +285,7 @@ def statistics_of(
     across batches, so every map gets its own realisation and the result equals
     :func:`compute_statistics` of the same maps in a store.
     """
-    batch = _check_batch(batch_size)
-    arr = _as_float(maps, dtype)
-    return _measure((arr[lo : lo + batch] for lo in range(0, arr.shape[0], batch)), config, seed, device, None)
+    return _measure(_blocks(maps, _check_batch(batch_size), dtype), config, seed, device, None)
 
 
 def compute_statistics(
@@ -279,7 +300,52 @@ def compute_statistics(
 ) -> dict[str, np.ndarray]:
     """:func:`statistics_of` the maps ``idx`` of ``store``, read in batches; ``progress`` is an optional
     tqdm bar to advance."""
-    return _measure(batches(store, idx, _check_batch(batch_size)), config, seed, device, progress)
+    return _measure(_blocks((store, idx), _check_batch(batch_size), None), config, seed, device, progress)
+
+
+def _blocks(maps: MapSet, batch: int, dtype: Any) -> Iterator[np.ndarray]:
+    """The maps of a set in blocks of ``batch``: a store's as it holds them, an array's as ``dtype``."""
+    if isinstance(maps, tuple):
+        yield from batches(*maps, batch)
+        return
+    arr = _as_float(maps, dtype)
+    for lo in range(0, arr.shape[0], batch):
+        yield arr[lo : lo + batch]
+
+
+def _first(maps: MapSet, k: int) -> np.ndarray:
+    """The first ``k`` maps of a set as a store holds them (float32): what the reference σ is measured on."""
+    if isinstance(maps, tuple):
+        store, idx = maps
+        return store.read(idx[:k])
+    return _as_float32(maps[:k])
+
+
+def measure_pair(
+    reference: MapSet,
+    candidate: MapSet,
+    options: MeasureOptions,
+    meta: StoreMeta,
+    seeds: SeedStreams,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    dtype: Any = np.float32,
+    progress: Any = None,
+) -> tuple[SummaryConfig, dict[str, dict[str, np.ndarray]]]:
+    """Both sets measured as validate measures them: the one SummaryConfig from the reference maps (``meta``:
+    the reference's), then per-map statistics of each set with its own shape-noise stream.
+
+    Returns the config and ``{"reference": stats, "candidate": stats}``. Maps in memory are measured as ``dtype``
+    (``None``: their own float dtype); ``progress`` is an optional tqdm bar advanced over both sets.
+    """
+    batch = _check_batch(batch_size)
+    config = _summary_config(options, meta, lambda k: _first(reference, k), device, seeds.sigma)
+    stats = {
+        "reference": _measure(_blocks(reference, batch, dtype), config, seeds.noise_reference, device, progress),
+        "candidate": _measure(_blocks(candidate, batch, dtype), config, seeds.noise_candidate, device, progress),
+    }
+    return config, stats
 
 
 def parameter_sets(store: MapStore, split: str) -> int:

@@ -23,7 +23,6 @@ from lensflow._util.atomic import write_text
 from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
 from lensflow._util.progress import progress
-from lensflow._util.seeds import child_ints
 from lensflow.compare import compare
 from lensflow.compare.clusters import GROUPS_CALIBRATED, is_grouped
 from lensflow.mapstore import MapStore, open_store
@@ -33,7 +32,7 @@ from lensflow.report.notebook import check_notebook, execute_notebook
 from lensflow.report.text import verdict_lines
 from lensflow.stats.summary import kappa_edges, summary_bins
 from lensflow.validation import measure
-from lensflow.validation.config import ValidationConfig, load_config
+from lensflow.validation.config import ValidationRequest
 from lensflow.validation.field import field_check
 from lensflow.validation.memorization import run_memorization
 from lensflow.validation.statsfile import (
@@ -50,7 +49,7 @@ __all__ = ["validate", "verdict_text"]
 log = get_logger(__name__)
 
 
-def _select(vc: ValidationConfig, ref: MapStore, cand: MapStore, seeds: list[int], warnings: list[str]) -> dict:
+def _select(vc: ValidationRequest, ref: MapStore, cand: MapStore, seeds: list[int], warnings: list[str]) -> dict:
     """The maps of each set (seeded subsets), with warnings about shared or pooled maps."""
     sel = vc.selection
     sets = {"reference": (ref, sel.reference_split), "candidate": (cand, sel.candidate_split)}
@@ -72,27 +71,30 @@ def _select(vc: ValidationConfig, ref: MapStore, cand: MapStore, seeds: list[int
     return idx
 
 
-def _measure(vc: ValidationConfig, ref: MapStore, cand: MapStore, warnings: list[str]) -> Measured:
+def _measure(vc: ValidationRequest, ref: MapStore, cand: MapStore, warnings: list[str]) -> Measured:
     """Select, measure both sets under one SummaryConfig, compare, and run the memorisation check."""
     measure.check_compatible(ref, cand, warnings)
-    # children 0..4 are the streams of lensflow <= 0.1 (spawned children do not depend on their count)
-    s_sub_ref, s_sub_cand, s_noise_ref, s_noise_cand, s_sigma, s_perm = child_ints(vc.seed, 6)
-    idx = _select(vc, ref, cand, [s_sub_ref, s_sub_cand], warnings)
+    seeds = measure.seed_streams(vc.seed)
+    idx = _select(vc, ref, cand, [seeds.subset_reference, seeds.subset_candidate], warnings)
     warnings += low_power_warnings(ref, vc.selection.reference_split, idx["reference"].size, idx["candidate"].size)
-    sc = measure.build_summary_config(vc.measure, ref, idx["reference"], vc.device, s_sigma)
     t0 = time.time()
     bar = progress(sum(i.size for i in idx.values()), unit="map", desc="statistics", enabled=vc.progress)
-    kw = {"batch_size": vc.batch_size, "device": vc.device, "progress": bar}
-    stats = {
-        "reference": measure.compute_statistics(ref, idx["reference"], sc, seed=s_noise_ref, **kw),
-        "candidate": measure.compute_statistics(cand, idx["candidate"], sc, seed=s_noise_cand, **kw),
-    }
+    sc, stats = measure.measure_pair(
+        (ref, idx["reference"]),
+        (cand, idx["candidate"]),
+        vc.measure,
+        ref.meta,
+        seeds,
+        device=vc.device,
+        batch_size=vc.batch_size,
+        progress=bar,
+    )
     bar.close()
     seconds = time.time() - t0
     # maps that share a realization id (cut from one N-body box or one full sky) are correlated: clustered errors
     groups = (ref.read_realization()[idx["reference"]], cand.read_realization()[idx["candidate"]])
     warnings += group_warnings(groups)
-    result = compare(stats["reference"], stats["candidate"], vc.tolerances, seed=s_perm, groups=groups)
+    result = compare(stats["reference"], stats["candidate"], vc.tolerances, seed=seeds.permutation, groups=groups)
     field = field_check(vc.field, ref, idx["reference"], vc.device)
     split = vc.selection.reference_split
     mem, training = run_memorization(
@@ -162,12 +164,12 @@ def validate(cfg: Any) -> dict[str, Any]:
     Returns the summary (as written to ``summary.json``) with ``pass`` and ``out`` (the output folder).
     Raises ``ValueError`` (one line naming the argument or file) on bad input, before any work.
     """
-    vc = load_config(cfg)
+    vc = ValidationRequest.from_config(cfg)
     with target_lock(vc.out):  # one validation per output folder at a time
         return _validate(vc)
 
 
-def _validate(vc: ValidationConfig) -> dict[str, Any]:
+def _validate(vc: ValidationRequest) -> dict[str, Any]:
     t_start = time.time()
     if (vc.out / SUMMARY_FILE).exists() and not vc.overwrite:
         raise FileExistsError(f"out: {vc.out} already holds a validation; pass overwrite=true to replace it")
@@ -208,7 +210,7 @@ def _validate(vc: ValidationConfig) -> dict[str, Any]:
     return summary
 
 
-def _run_notebook(vc: ValidationConfig, summary: dict[str, Any]) -> None:
+def _run_notebook(vc: ValidationRequest, summary: dict[str, Any]) -> None:
     """Execute the report notebook; a broken notebook run is a warning, never a hidden verdict."""
     try:
         summary["files"].update(execute_notebook(vc.out, vc.notebook.path, vc.notebook.timeout))

@@ -23,7 +23,7 @@ from lensflow._util.plain import to_plain
 from lensflow.compare import summary_rows
 from lensflow.provenance import provenance
 from lensflow.stats.summary import SummaryConfig
-from lensflow.validation.config import ValidationConfig
+from lensflow.validation.config import ValidationRequest
 
 __all__ = [
     "REPORT_FILE",
@@ -144,7 +144,7 @@ def write_measured(
 
 
 def summary_record(
-    vc: ValidationConfig,
+    vc: ValidationRequest,
     m: Measured,
     bins: Mapping[str, np.ndarray],
     edges: Mapping[str, np.ndarray],

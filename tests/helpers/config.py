@@ -38,8 +38,8 @@ TINY_TRAIN: list[str] = [
     "check.batch_size=16",
 ]
 
-#: Shrinks the kappa_quick experiment of ``pipelines/run.py`` to seconds, every stage of it: 60 maps 16x16,
-#: a 2-step Glow trained 4 steps, 16 maps validated on C_ell and the PDF, no progress bars.
+#: Shrinks the kappa_quick experiment of ``python -m lensflow.run_experiment`` to seconds, every stage of it: 60
+#: maps 16x16, a 2-step Glow trained 4 steps, 16 maps validated on C_ell and the PDF, no progress bars.
 TINY_PIPELINE: list[str] = [
     "+experiment=kappa_quick",
     "data.simulate.n_maps=60",

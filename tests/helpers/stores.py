@@ -52,8 +52,8 @@ def noise_store(
 
 
 def simulated_store(cache_dir: Path, spec: Mapping[str, Any] | None = None) -> Path:
-    """:func:`lensflow.simulate.ensure_simulated` of ``spec`` (default :data:`TINY_SPEC`) in ``cache_dir``."""
-    from lensflow.simulate import ensure_simulated
+    """:func:`lensflow.simulation.ensure_simulated` of ``spec`` (default :data:`TINY_SPEC`) in ``cache_dir``."""
+    from lensflow.simulation import ensure_simulated
 
     return ensure_simulated(dict(TINY_SPEC if spec is None else spec), cache_dir)
 

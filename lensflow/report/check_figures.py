@@ -1,4 +1,5 @@
-"""Figures of the sample check: a grid of maps and the statistics of samples against validation maps.
+"""Figures of training's sample check (:mod:`lensflow.training.sample_check`): a grid of maps and the statistics
+of samples against validation maps.
 
 Matplotlib's object API (no pyplot, no global state) with fixed margins: ``tight_layout`` costs seconds per
 figure, which adds up over the checks of a long run.

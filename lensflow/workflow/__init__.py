@@ -1,13 +1,13 @@
-"""The end-to-end pipeline for one experiment: simulate → train → generate → validate → report.
+"""The end-to-end pipeline of ``python -m lensflow.run_experiment``: simulate → train → generate → validate → report.
 
 ::
 
-    python -m lensflow.pipeline +experiment=kappa_quick
-    python -m lensflow.pipeline +experiment=kappa generate.n_maps=5000 validate.max_maps=2000
-    python -m lensflow.pipeline +experiment=kappa_quick --force train          # retrain (later stages follow)
-    python -m lensflow.pipeline +experiment=kappa_quick --dry-run              # say what would run, run nothing
+    python -m lensflow.run_experiment +experiment=kappa_quick
+    python -m lensflow.run_experiment +experiment=kappa generate.n_maps=5000 validate.max_maps=2000
+    python -m lensflow.run_experiment +experiment=kappa_quick --force train    # retrain (later stages follow)
+    python -m lensflow.run_experiment +experiment=kappa_quick --dry-run        # say what would run, run nothing
 
-(``python pipelines/run.py ...`` is the same command.) Arguments::
+Arguments::
 
     ``generate.KEY=VALUE``   override of ``conf/generate.yaml`` for the generate stage (``generate.cond.*``
                              for conditions; by default the mocks match the reference test split: as
@@ -32,7 +32,7 @@ Exit code: 0 when every validation passes, 1 when one fails (gate deployments on
 
 from __future__ import annotations
 
-from lensflow.pipeline.runner import Pipeline, run_pipeline
-from lensflow.pipeline.stages import STAGES, PipelineError, Stage
+from lensflow.workflow.runner import Pipeline, run_pipeline
+from lensflow.workflow.stages import STAGES, PipelineError, Stage
 
 __all__ = ["STAGES", "Pipeline", "PipelineError", "Stage", "run_pipeline"]

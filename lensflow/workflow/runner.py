@@ -22,10 +22,10 @@ import numpy as np
 from lensflow._util.atomic import write_text
 from lensflow._util.hashing import sha256_file
 from lensflow._util.plain import to_plain
-from lensflow.pipeline.options import PipelineOptions, given, parse_args
-from lensflow.pipeline.stages import STAGES, PipelineError, Stage, stage_hash, write_records
 from lensflow.report.html import pipeline_page
 from lensflow.report.text import pipeline_line, pipeline_stage_line
+from lensflow.workflow.options import PipelineRequest, given, parse_args
+from lensflow.workflow.stages import STAGES, PipelineError, Stage, stage_hash, write_records
 
 __all__ = ["Pipeline", "run_pipeline"]
 
@@ -53,7 +53,7 @@ def _editable(cfg: Any) -> Any:
 class Pipeline:
     """One pipeline folder and its stages; :meth:`run` runs what is not up to date."""
 
-    def __init__(self, opts: PipelineOptions, say: Callable[[str], None]) -> None:
+    def __init__(self, opts: PipelineRequest, say: Callable[[str], None]) -> None:
         self.opts = opts
         self.say = say
         self.run_dir = opts.run_dir
@@ -105,7 +105,7 @@ class Pipeline:
             st = store.stat()
             config = {"path": str(store), "size": st.st_size, "mtime": st.st_mtime}
         else:
-            from lensflow.simulate import resolve_spec
+            from lensflow.simulation import resolve_spec
 
             config = {"spec": resolve_spec(to_plain(data.simulate))}
         key = stage_hash(config)
@@ -114,7 +114,7 @@ class Pipeline:
             if "path" in config:
                 path = Path(config["path"])
             else:
-                from lensflow.simulate import ensure_simulated
+                from lensflow.simulation import ensure_simulated
 
                 cache = Path(str(self.opts.train_cfg.paths.data_dir)).expanduser().resolve()
                 path = Path(ensure_simulated(to_plain(data.simulate), cache)).resolve()
@@ -313,5 +313,5 @@ class Pipeline:
 
 
 def run_pipeline(argv: Sequence[str], say: Callable[[str], None]) -> int:
-    """Parse ``argv`` (see :mod:`lensflow.pipeline.options`), run the pipeline, return the exit code."""
+    """Parse ``argv`` (see :mod:`lensflow.workflow.options`), run the pipeline, return the exit code."""
     return Pipeline(parse_args(argv), say).run()

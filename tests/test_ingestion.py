@@ -17,7 +17,7 @@ from astropy.io import fits
 from helpers.config import compose
 
 from lensflow.fitsio import FitsMapError, fits_header, read_fits, write_fits_map, write_fits_maps, write_mock_fits
-from lensflow.ingest import IngestError, expand_inputs, ingest
+from lensflow.ingestion import IngestError, expand_inputs, ingest
 from lensflow.mapstore import StoreMeta, open_store, read_maps
 
 RNG = np.random.default_rng(0)
@@ -283,3 +283,14 @@ def test_fits_outputs_respect_the_umask(tmp_path):
     for p in (one, cube, *folder.iterdir(), *many, store):
         assert (p.stat().st_mode & 0o777) == 0o644, p
     assert (folder.stat().st_mode & 0o777) == 0o755
+
+
+def test_library_defaults_are_the_yaml_values():
+    """A partial mapping from Python is completed from ``ingestion.request.DEFAULTS``, never from the YAML at run
+    time; the YAML gives the command line the same values, in the same order (same provenance text)."""
+    from helpers.config import plain
+
+    from lensflow.ingestion.request import DEFAULTS
+
+    composed = plain("ingest")
+    assert DEFAULTS == composed and list(DEFAULTS) == list(composed)

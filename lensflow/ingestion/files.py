@@ -1,4 +1,4 @@
-"""The input files of :mod:`lensflow.ingest`: find them, inspect their headers, read their maps.
+"""The input files of :mod:`lensflow.ingestion`: find them, inspect their headers, read their maps.
 
 Flat FITS maps (:mod:`lensflow.fitsio`), HEALPix maps (FITS binary tables read by healpy, or ``.npy``/``.npz``
 arrays of 12 nside² pixels) and NumPy arrays of flat maps. Errors are :class:`IngestError` lines naming the file.

@@ -1,24 +1,20 @@
-"""The end-to-end runner pipelines/run.py on a tiny experiment: every stage runs once, a second run skips
-them all, a changed generate override re-runs only what depends on it, and bad input is one line."""
+"""The end-to-end runner ``python -m lensflow.run_experiment`` (:mod:`lensflow.workflow`) on a tiny experiment:
+every stage runs once, a second run skips them all, a changed generate override re-runs only what depends on it,
+and bad input is one line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from helpers.config import TINY_PIPELINE as TINY
 
+import lensflow.run_experiment
 from lensflow.mapstore import open_store
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("lensflow_pipeline_run", ROOT / "pipelines" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return lensflow.run_experiment
 
 
 def _records(run_dir: Path) -> dict[str, dict]:

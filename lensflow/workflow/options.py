@@ -1,6 +1,6 @@
 """The runner's command line: its own options, and the overrides of each command's config, composed once.
 
-Arguments (see ``python -m lensflow.pipeline --help``): ``generate.KEY=VALUE`` goes to
+Arguments (see ``python -m lensflow.run_experiment --help``): ``generate.KEY=VALUE`` goes to
 ``conf/generate.yaml``, ``validate.KEY=VALUE`` to ``conf/validate.yaml``, any other ``KEY=VALUE`` to
 the training config ``conf/train.yaml``; ``--run-dir``, ``--stages``, ``--force``, ``--dry-run`` and
 ``--in-process`` steer the runner.
@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from lensflow.cli import compose, config_error, open_node_overrides
-from lensflow.pipeline.stages import STAGES, PipelineError
+from lensflow.workflow.stages import STAGES, PipelineError
 
-__all__ = ["PipelineOptions", "given", "parse_args"]
+__all__ = ["PipelineRequest", "given", "parse_args"]
 
 
 @dataclass(frozen=True)
-class PipelineOptions:
+class PipelineRequest:
     """The runner's options and the three composed configs (train, generate, validate)."""
 
     run_dir: Path
@@ -54,7 +54,7 @@ def _compose(name: str, overrides: Sequence[str]) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lensflow.pipeline",
+        prog="python -m lensflow.run_experiment",
         description="simulate -> train -> generate -> validate -> report for one experiment, skipping stages "
         "that are up to date. generate.KEY=VALUE and validate.KEY=VALUE override those commands' configs; "
         "any other KEY=VALUE overrides the training config.",
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str]) -> PipelineOptions:
+def parse_args(argv: Sequence[str]) -> PipelineRequest:
     """Options and composed configs from the runner's argv; bad input raises :class:`PipelineError`."""
     opts, rest = _parser().parse_known_args(list(argv))
     train, gen, val = [], [], []
@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str]) -> PipelineOptions:
     stages, force = _stage_list(opts.stages, "stages"), frozenset(_stage_list(opts.force, "force"))
     train_cfg = _compose("train", train)
     default = Path(str(train_cfg.paths.output_dir)) / "pipeline" / str(train_cfg.name)
-    return PipelineOptions(
+    return PipelineRequest(
         run_dir=Path(opts.run_dir or default).expanduser().resolve(),
         stages=stages,
         force=force,

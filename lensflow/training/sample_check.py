@@ -3,7 +3,7 @@
 It is ``python -m lensflow.validate`` on arrays in memory, not a second validator: the statistics (C_ℓ; peak
 counts and pixel PDF after Gaussian smoothing), their bins (from the reference maps only: ν edges in
 units of their smoothed σ, a border of 2 × the smoothing scale on non-periodic maps) and the metrics come
-from :func:`lensflow.validation.summary_config_for`, :func:`lensflow.validation.statistics_of` and
+from :meth:`lensflow.validation.MeasureOptions.for_check`, :func:`lensflow.validation.measure_pair` and
 :func:`lensflow.compare.compare`, so the same maps give validate's numbers. The logged metrics are
 validate's fractional error of the mean per bin, ``(μ_sample - μ_ref) / |μ_ref|``, summarised by its
 maximum and mean absolute value over the bins whose reference mean is measured (|μ_ref| > 3 standard
@@ -11,7 +11,8 @@ errors, the rule of :func:`lensflow.compare.summary_rows`): ``cl_frac_max``, ``c
 ``peaks_frac_max``, ``peaks_frac_mean``, ``pdf_frac_max``, ``pdf_frac_mean``. What a user can judge: ``<stat>_z_max``,
 the largest |error| / standard error over the bins (about 3 or less when the sets agree), and
 ``<stat>_frac_populated_max``, the largest |fractional error| over the well-populated bins, those whose fractional
-standard error is at most half the statistic's target (:data:`TARGETS`; a miss is then a ≥ 2σ detection), with their
+standard error is at most half the statistic's target (:data:`lensflow.compare.tolerances.CHECK_TARGETS`; a miss
+is then a ≥ 2σ detection), with their
 count ``<stat>_populated_bins``: a maximum over all bins is dominated by nearly empty ones (peaks and PDF tails).
 Plus ``std_ratio`` (pixel standard deviations), ``n_samples`` and ``nonfinite_samples`` (dropped before measuring).
 
@@ -34,15 +35,16 @@ import torch
 from lensflow._util.atomic import write_json
 from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
-from lensflow._util.seeds import child_ints
 from lensflow.compare import compare
+from lensflow.compare.tolerances import CHECK_TARGETS, POPULATED_SE
 from lensflow.mapstore import StoreMeta
+from lensflow.report.check_figures import check_figures
 from lensflow.stats import summary_bins
-from lensflow.training.figures import check_figures
 from lensflow.training.settings import CheckSettings
-from lensflow.validation import statistics_of, summary_config_for
+from lensflow.validation.config import MeasureOptions
+from lensflow.validation.measure import measure_pair, seed_streams
 
-__all__ = ["METRICS", "SampleCheck", "check_options", "sample_check"]
+__all__ = ["METRICS", "SampleCheck", "sample_check"]
 
 log = get_logger(__name__)
 
@@ -59,30 +61,6 @@ METRICS = (
     "pdf_frac_mean",
     *(f"{s}_{m}" for s in STATISTICS for m in ("z_max", "frac_populated_max", "populated_bins")),
 )
-#: The accuracy asked of the mean per bin (fractional): the issue's targets, as pipelines/conditional.py measures them.
-TARGETS = {"cl": 0.03, "peaks": 0.05, "pdf": 0.05}
-#: A bin is well populated when its fractional standard error is at most this part of its statistic's target.
-POPULATED_SE = 0.5
-
-
-def check_options(check: CheckSettings, meta: StoreMeta) -> dict[str, Any]:
-    """The validate options (shaped like conf/validate.yaml) the check measures with.
-
-    One smoothing scale (``check.smoothing_arcmin``, default 2 pixels), no shape noise, ``check.n_bins``
-    bins over validate's default ν ranges of peaks (-2..6) and the PDF (-4..6); everything else is
-    validate's default.
-    """
-    sigma = 2.0 * meta.pixel_arcmin if check.smoothing_arcmin is None else float(check.smoothing_arcmin)
-    n = check.n_bins
-    return {
-        "statistics": list(STATISTICS),
-        "smoothing_arcmin": [sigma],
-        "noise": {"model": "none"},
-        "bins": {
-            "peak_edges": np.linspace(-2.0, 6.0, n + 1).tolist(),
-            "pdf_edges": np.linspace(-4.0, 6.0, n + 1).tolist(),
-        },
-    }
 
 
 @torch.no_grad()
@@ -128,7 +106,7 @@ def sample_check(
         log.warning("sample check %s: %d finite samples of %d maps, too few to compare (%d)", tag, len(s), n, MIN_MAPS)
         metrics.update(dict.fromkeys(METRICS, math.nan))
     else:
-        result, bins = compare_maps(ref, s, check_options(chk, meta), meta, seed)
+        result, bins = compare_maps(ref, s, MeasureOptions.for_check(chk, meta, STATISTICS), meta, seed)
         metrics.update(metrics_of(result))
         ref_std = float(ref.std(dtype=np.float64))
         metrics["std_ratio"] = float(s.std(dtype=np.float64)) / ref_std if ref_std > 0 else math.nan
@@ -141,18 +119,16 @@ def sample_check(
 
 
 def compare_maps(
-    ref: np.ndarray, cand: np.ndarray, options: Mapping[str, Any], meta: StoreMeta, seed: int = 0
+    ref: np.ndarray, cand: np.ndarray, options: MeasureOptions, meta: StoreMeta, seed: int = 0
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validate's comparison of two sets of maps in memory: the :func:`lensflow.compare.compare` result and,
     per statistic, ``{"x": bin centres, "reference": mean, "sample": mean, "frac": fractional error}``.
 
-    Seeds as in validate: ``child_ints(seed, 5)`` gives (subsets, noise of each set, the σ behind ν).
+    Measured by validate's :func:`lensflow.validation.measure.measure_pair` with its seed streams; the maps as they
+    are (float32 or float64).
     """
-    _, _, s_noise_r, s_noise_c, s_sigma = child_ints(seed, 5)
-    config = summary_config_for(options, meta, ref, seed=s_sigma)
-    rs = statistics_of(ref, config, seed=s_noise_r, dtype=None)
-    cs = statistics_of(cand, config, seed=s_noise_c, dtype=None)
-    result = compare(rs, cs, seed=seed)
+    config, stats = measure_pair(ref, cand, options, meta, seed_streams(seed), dtype=None)
+    result = compare(stats["reference"], stats["candidate"], seed=seed)
     xs = summary_bins(config, ref.shape[-1], ref.shape[1])
     bins = {
         _short(name): {
@@ -173,7 +149,7 @@ def full_verdict(ref: np.ndarray, samples: np.ndarray, meta: StoreMeta, seed: in
     s = samples[np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)]
     if min(len(s), len(ref)) < MIN_MAPS:
         return {"pass": None, "failures": [f"too few maps to compare ({len(s)} samples, {len(ref)} references)"]}
-    result, _ = compare_maps(ref, s, {}, meta, seed)
+    result, _ = compare_maps(ref, s, MeasureOptions.from_config({}), meta, seed)
     n = min(len(ref), len(s))
     return {
         "pass": bool(result["pass"]),
@@ -210,7 +186,7 @@ def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
         live = (se > 0) & np.isfinite(z)
         out[f"{key}_z_max"] = float(z[live].max()) if live.any() else math.nan
         with np.errstate(divide="ignore", invalid="ignore"):
-            full = use & (se <= POPULATED_SE * TARGETS.get(key, 0.05) * mr)
+            full = use & (se <= POPULATED_SE * CHECK_TARGETS.get(key, 0.05) * mr)
         out[f"{key}_frac_populated_max"] = float(frac[full].max()) if full.any() else math.nan
         out[f"{key}_populated_bins"] = float(full.sum())
     return out

@@ -1,20 +1,24 @@
-"""``lensflow.simulate``: Hydra composition, stores, grid mode, the cache of ensure_simulated, the CLI."""
+"""``lensflow.simulation`` and ``python -m lensflow.simulate``: specs, stores, grid mode, the cache, the CLI."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.config import compose, plain
 
-import lensflow.simulate as simmod
+import lensflow.simulation.cache as cachemod
+import lensflow.simulation.spec as specmod
 from lensflow.mapstore import open_store
 from lensflow.sims.flat import simulate_maps
 from lensflow.sims.fullsky import patch_centers
-from lensflow.simulate import ensure_simulated, resolve_spec, simulate, spec_hash
+from lensflow.simulation import ensure_simulated, resolve_spec, simulate, spec_hash
+from lensflow.simulation.defaults import RUN_DEFAULTS, SIM_PRESETS, spec_defaults
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = ["sim.cosmology.m_nu=0", "progress=false"]  # no massive-neutrino CAMB run: 5x faster set-up
 
 
@@ -120,8 +124,8 @@ def test_ensure_simulated_caches_by_spec(tmp_path, monkeypatch):
     }
     spec["sim"] = {**resolve_spec(spec)["sim"], "cosmology": {**resolve_spec(spec)["sim"]["cosmology"], "m_nu": 0.0}}
     calls = []
-    real = simmod.simulate
-    monkeypatch.setattr(simmod, "simulate", lambda cfg: calls.append(1) or real(cfg))
+    real = cachemod.simulate
+    monkeypatch.setattr(cachemod, "simulate", lambda cfg: calls.append(1) or real(cfg))
     path = ensure_simulated(spec, tmp_path)
     assert path.name == f"sim-{spec_hash(spec)}.h5" and len(path.stem) == len("sim-") + 12
     assert open_store(path).n == 4 and len(calls) == 1
@@ -202,7 +206,7 @@ def test_spec_hashes_of_the_experiments_are_unchanged(overrides):
 
 def test_simulate_defaults_hash_and_partial_specs():
     c = plain("simulate")
-    assert spec_hash({k: c[k] for k in simmod.SPEC_KEYS}) == "209b3fbc23ce"
+    assert spec_hash({k: c[k] for k in specmod.SPEC_KEYS}) == "209b3fbc23ce"
     partial = {"n_maps": 400, "npix": 32, "pixel_arcmin": 3.28, "sim": {"cosmology": {"m_nu": 0.0}}, "progress": False}
     assert spec_hash(partial) == "24baa838e921"
 
@@ -210,23 +214,30 @@ def test_simulate_defaults_hash_and_partial_specs():
 def test_ensure_simulated_resolves_once_and_reads_no_yaml_for_a_composed_spec(tmp_path, monkeypatch):
     spec = plain("train", "data.simulate.n_maps=3", "data.simulate.npix=16", "data.simulate.sim.cosmology.m_nu=0")
     calls = []
-    real = simmod.resolve_spec
-    monkeypatch.setattr(simmod, "resolve_spec", lambda s: calls.append(1) or real(s))
+    real = cachemod.resolve_spec
+    monkeypatch.setattr(cachemod, "resolve_spec", lambda s: calls.append(1) or real(s))
 
     def no_yaml(*a):
         raise AssertionError("a composed spec is complete: no defaults may be loaded")
 
-    monkeypatch.setattr(simmod, "_composed_defaults", no_yaml)
+    monkeypatch.setattr(specmod, "spec_defaults", no_yaml)
     path = ensure_simulated({**spec["data"]["simulate"], "progress": False}, tmp_path)
     assert open_store(path).n == 3 and len(calls) == 1
 
 
 def test_python_tables_match_the_yaml():
-    """The spec keys, the sim keys and the cache's run-time defaults are the YAML's (no drift)."""
+    """The spec keys, the sim keys and the library's defaults are the YAML's (no drift): a partial spec from Python
+    and its composed twin resolve to one spec and one hash, and no library code reads the YAML."""
     c = plain("simulate")
-    assert set(simmod.SPEC_KEYS) | set(simmod.RUN_KEYS) == set(c)
-    assert {k: c[k] for k in simmod.CACHE_RUN_DEFAULTS} == simmod.CACHE_RUN_DEFAULTS
-    assert set(plain("train").get("data")["simulate"]) == set(simmod.SPEC_KEYS)
+    assert set(specmod.SPEC_KEYS) | set(specmod.RUN_KEYS) == set(c)
+    assert {k: c[k] for k in RUN_DEFAULTS} == RUN_DEFAULTS
+    assert sorted(SIM_PRESETS) == sorted(p.stem for p in (ROOT / "conf" / "sim").glob("*.yaml"))
+    for name in SIM_PRESETS:
+        composed = plain("simulate", f"sim={name}")
+        assert spec_defaults(name) == {k: composed[k] for k in specmod.SPEC_KEYS}, name
+        assert list(spec_defaults(name)["sim"]) == list(composed["sim"]), name  # same order: same provenance text
+        assert set(composed["sim"]) == set(specmod.SIM_KEYS[composed["sim"]["backend"]]), name
+    assert set(plain("train").get("data")["simulate"]) == set(specmod.SPEC_KEYS)
     assert c["split"] == plain("ingest")["split"] == {"fractions": [0.8, 0.1, 0.1], "seed": 0}
     from lensflow.mapstore import DEFAULT_FRACTIONS
 
