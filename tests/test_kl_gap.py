@@ -119,3 +119,52 @@ def test_validate_field_check_needs_a_simulated_reference(emulator_of_tiny_store
         "tolerances.permutations=20",
     )
     assert res.code == 2 and len(res.err) == 1 and "no exact likelihood" in res.err[0], res.err
+
+
+def test_validate_scores_a_student_against_a_teacher(tiny_checkpoint, tmp_path, run_command):
+    """``field.teacher``: the reference maps are a trained emulator's draws, and its log p is their exact likelihood
+    (a non-Gaussian yardstick): the teacher scored against itself has a gap of exactly 0, another model its KL gap."""
+    from helpers.stores import tiny_checkpoint as make_checkpoint
+
+    from lensflow.emulator import Emulator
+    from lensflow.mapstore import write_store
+    from lensflow.validate import main
+
+    teacher = Emulator.load(tiny_checkpoint, device="cpu")
+    maps = teacher.sample(120, seed=3)
+    ref = write_store(tmp_path / "teacher_mocks.h5", maps, teacher.meta, split=np.full(120, 2))
+    student = make_checkpoint(tmp_path, "student", 1, (), periodic=True, perturb=0.1)
+    base = [f"reference={ref}", "reference_split=all", f"candidate={ref}", f"field.teacher={tiny_checkpoint}"]
+    base += ["figures.enabled=false", "progress=false", "device=cpu", "tolerances.permutations=20"]
+    for who, ckpt in (("self", tiny_checkpoint), ("student", student)):
+        res = run_command(main, *base, f"emulator={ckpt}", f"out={tmp_path / who}")
+        assert res.code in (0, 1), res.err
+        field = json.loads((tmp_path / who / "summary.json").read_text())["field"]
+        want = np.mean(teacher.log_prob(maps) - Emulator.load(ckpt, device="cpu").log_prob(maps)) / (
+            maps[0].size * math.log(2)
+        )
+        assert field["kl_bits_per_dim"] == pytest.approx(want, abs=1e-9) and field["truth"].startswith("teacher")
+    assert json.loads((tmp_path / "self" / "summary.json").read_text())["field"]["kl_bits_per_dim"] == 0.0
+    assert field["kl_bits_per_dim"] > 3 * field["kl_se"]
+
+
+def test_a_conditional_teacher_needs_the_reference_parameters(tmp_path_factory, tiny_store, tmp_path, run_command):
+    from helpers.stores import tiny_checkpoint as make_checkpoint
+
+    from lensflow.validate import main
+
+    cond = make_checkpoint(tmp_path_factory.mktemp("cond-teacher"), "cond", cond=("Omega_m", "sigma_8"))
+    ref = noise_store(tmp_path / "ref.h5", n=40, npix=16)
+    res = run_command(
+        main,
+        f"reference={ref}",
+        "reference_split=all",
+        f"candidate={ref}",
+        f"emulator={cond}",
+        f"field.teacher={cond}",
+        f"out={tmp_path / 'o'}",
+        "figures.enabled=false",
+        "progress=false",
+        "tolerances.permutations=20",
+    )
+    assert res.code == 2 and len(res.err) == 1 and "is conditional on ['Omega_m', 'sigma_8']" in res.err[0], res.err

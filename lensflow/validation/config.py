@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "tolerances": _TOLERANCES,
     "emulator": None,
-    "field": {"max_maps": 1000, "kl_tolerance": None},
+    "field": {"max_maps": 1000, "kl_tolerance": None, "teacher": None},
     "memorization": {
         "enabled": "auto",
         "training": None,
@@ -298,6 +298,7 @@ class FieldOptions:
     emulator: Path | None
     max_maps: int
     kl_tolerance: float | None
+    teacher: Path | None = None  # a trained emulator whose draws the reference maps are: its log p is the exact one
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,7 @@ def _request(cfg: Mapping[str, Any] | Any) -> ValidationRequest:
             None if c["emulator"] in (None, "") else Path(str(c["emulator"])),
             check_int("field.max_maps", fld["max_maps"], 2),
             check_number("field.kl_tolerance", fld["kl_tolerance"], minimum=0, allow_none=True),
+            None if fld["teacher"] in (None, "") else Path(str(fld["teacher"])),
         ),
         notebook=NotebookOptions(
             check_bool("notebook.execute", nb["execute"]),
