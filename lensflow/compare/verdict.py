@@ -313,7 +313,8 @@ def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "statistic": name,
                 "bins": r["n_bins"],
                 "max_abs_frac_error": _nanmax_abs(_floats(r["frac_error_mean"])[measured]),
-                "max_abs_z": _nanmax_abs(_floats(r["z_mean"])[live]),
+                # the z that the threshold applies to: pooled-scale or clustered when calibrated, else Welch's
+                "max_abs_z": _nanmax_abs(_floats(r.get("z_mean_pooled", r["z_mean"]))[live]),
                 "z_allowed": r["mean_sigma_per_bin"],
                 "std_ratio_min": float(np.min(ratio[both])) if both.any() else 1.0,
                 "std_ratio_max": float(np.max(ratio[both])) if both.any() else 1.0,
