@@ -19,8 +19,10 @@ rank-Gaussianized peak test (:mod:`lensflow.compare.gaussianity`), and how indep
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,6 +136,40 @@ def cmd_halves(a: argparse.Namespace) -> None:
         print(f"wrote {idx.size} maps of {np.unique(rid[idx]).size} boxes to {out}")
 
 
+def cmd_perbin(a: argparse.Namespace) -> None:
+    """Per-bin fractional mean errors with their clustered 1σ band, from validate summaries, as one figure."""
+    import matplotlib.pyplot as plt
+
+    names = ["cl", "peaks@2.0arcmin", "minima@2.0arcmin", "pdf@2.0arcmin", "v0@2.0arcmin", "v1@2.0arcmin"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), constrained_layout=True)
+    for path, label in zip(a.summaries, a.labels, strict=True):
+        s = json.loads(Path(path).read_text())
+        for ax, name in zip(axes.flat, names, strict=True):
+            r = s["statistics"][name]
+            x = np.asarray(s["bins"][name], dtype=float).reshape(-1)
+            mr = np.asarray(r["mean_reference"], dtype=float)
+            d = np.asarray(r["mean_candidate"], dtype=float) - mr
+            z = np.asarray([np.nan if v is None else v for v in r["z_mean_pooled"]], dtype=float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                se = np.where(z != 0, np.abs(d / z), np.nan) / np.abs(mr)
+                frac = d / np.abs(mr)
+            ok = np.abs(mr) > 3 * np.asarray(r["std_reference"], dtype=float) / math.sqrt(r["n_reference"])
+            (line,) = ax.plot(x[ok], frac[ok], "o-", ms=3, label=label)
+            if label == a.labels[0]:
+                ax.fill_between(x[ok], -se[ok], se[ok], color="0.8", label="held-out ±1 SE (clustered)")
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set_title(name)
+            ax.set_xlabel("ℓ" if name == "cl" else "ν (threshold / σ)")
+            if name == "cl":
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    axes.flat[0].set_ylabel("mock / held-out − 1")
+    axes.flat[3].set_ylabel("mock / held-out − 1")
+    axes.flat[0].legend(fontsize=8)
+    fig.savefig(a.out, dpi=110)
+    print(f"wrote {a.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -157,9 +193,19 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--store", required=True)
     h.add_argument("--out-even", required=True)
     h.add_argument("--out-odd", required=True)
+    f = sub.add_parser("perbin")
+    f.add_argument("--summaries", nargs="+", required=True)
+    f.add_argument("--labels", nargs="+", required=True)
+    f.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
-        {"gaussian-part": cmd_gaussian_part, "bits": cmd_bits, "sims": cmd_sims, "halves": cmd_halves}[a.cmd](a)
+        {
+            "gaussian-part": cmd_gaussian_part,
+            "bits": cmd_bits,
+            "sims": cmd_sims,
+            "halves": cmd_halves,
+            "perbin": cmd_perbin,
+        }[a.cmd](a)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 
