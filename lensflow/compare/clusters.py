@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from lensflow.compare.permutation import FamilyThresholds, spread_features
+from lensflow.compare.permutation import FamilyThresholds, family_outcome, spread_features
 
 __all__ = [
     "GROUPS_CALIBRATED",
@@ -173,28 +173,7 @@ def cluster_thresholds(
     spread = spread_features(np.concatenate([r, c]))
     z_spread, null_spread, _ = _bootstrap_max_z(spread[:n_r], spread[n_r:], groups, draws, rng)
 
-    def quantile(null: np.ndarray) -> float:
-        return float(np.quantile(null, 1.0 - alpha, method="higher")) if null.size else 0.0
-
-    def pvalue(null: np.ndarray, obs: np.ndarray) -> float:
-        t = float(np.abs(obs).max()) if obs.size else 0.0
-        return float((1 + np.sum(null >= t)) / (null.size + 1))
-
-    thresholds = FamilyThresholds(
-        mean=quantile(null_mean),
-        spread=quantile(null_spread),
-        alpha=float(alpha),
-        permutations=int(draws),
-        pvalue_mean=pvalue(null_mean, z_mean),
-        pvalue_spread=pvalue(null_spread, z_spread),
-    )
-    per_stat: dict[str, dict[str, np.ndarray]] = {}
-    lo = 0
-    for k in names:
-        f = np.asarray(reference[k]).shape[1]
-        per_stat[k] = {"z_mean": z_mean[lo : lo + f], "z_spread": z_spread[lo : lo + f], "se_pooled": se[lo : lo + f]}
-        lo += f
-    return thresholds, per_stat
+    return family_outcome(reference, (null_mean, null_spread), (z_mean, z_spread), se, alpha)
 
 
 def describe_groups(groups: tuple[np.ndarray | None, np.ndarray | None], n: tuple[int, int]) -> dict[str, Any]:

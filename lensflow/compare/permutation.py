@@ -40,7 +40,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FamilyThresholds", "permutation_labels", "permutation_thresholds", "pooled_z", "spread_features"]
+__all__ = [
+    "FamilyThresholds",
+    "family_outcome",
+    "permutation_labels",
+    "permutation_thresholds",
+    "pooled_z",
+    "spread_features",
+]
 
 # Relabellings drawn per block (memory: block × N booleans plus block × F floats).
 _BLOCK = 256
@@ -144,27 +151,41 @@ def permutation_thresholds(
     z_spread = pooled_z(spread, actual, n_c)[0]
     sd = pooled.std(axis=0, ddof=1) * math.sqrt(1.0 / n_r + 1.0 / n_c)
 
+    return family_outcome(reference, (null_mean, null_spread), (z_mean, z_spread), sd, alpha)
+
+
+def family_outcome(
+    reference: Mapping[str, np.ndarray],
+    nulls: tuple[np.ndarray, np.ndarray],
+    observed: tuple[np.ndarray, np.ndarray],
+    se: np.ndarray,
+    alpha: float,
+) -> tuple[FamilyThresholds, dict[str, dict[str, np.ndarray]]]:
+    """The thresholds of one family from the null draws of max |z| (mean, spread), and the observed per-bin z and SE
+    cut back into statistics (in the order and widths of ``reference``): shared by the permutation and the cluster
+    bootstrap calibrations."""
+    (null_mean, null_spread), (z_mean, z_spread) = nulls, observed
+
     def quantile(null: np.ndarray) -> float:
         # the observed labelling is one of the equally likely ones: include it, then take the upper quantile
         return float(np.quantile(null, 1.0 - alpha, method="higher")) if null.size else 0.0
 
-    def pvalue(null: np.ndarray, obs: float) -> float:
+    def pvalue(null: np.ndarray, z: np.ndarray) -> float:
+        obs = float(np.abs(z).max()) if z.size else 0.0
         return float((1 + np.sum(null >= obs)) / (null.size + 1))
 
-    t_mean = float(np.abs(z_mean).max()) if z_mean.size else 0.0
-    t_spread = float(np.abs(z_spread).max()) if z_spread.size else 0.0
     thresholds = FamilyThresholds(
         mean=quantile(null_mean),
         spread=quantile(null_spread),
         alpha=float(alpha),
-        permutations=int(permutations),
-        pvalue_mean=pvalue(null_mean, t_mean),
-        pvalue_spread=pvalue(null_spread, t_spread),
+        permutations=int(null_mean.size),
+        pvalue_mean=pvalue(null_mean, z_mean),
+        pvalue_spread=pvalue(null_spread, z_spread),
     )
     per_stat: dict[str, dict[str, np.ndarray]] = {}
     lo = 0
-    for k in names:
+    for k in reference:
         f = np.asarray(reference[k]).shape[1]
-        per_stat[k] = {"z_mean": z_mean[lo : lo + f], "z_spread": z_spread[lo : lo + f], "se_pooled": sd[lo : lo + f]}
+        per_stat[k] = {"z_mean": z_mean[lo : lo + f], "z_spread": z_spread[lo : lo + f], "se_pooled": se[lo : lo + f]}
         lo += f
     return thresholds, per_stat
