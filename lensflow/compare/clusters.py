@@ -44,6 +44,7 @@ from lensflow.compare.permutation import FamilyThresholds, family_outcome, sprea
 
 __all__ = [
     "GROUPS_CALIBRATED",
+    "check_groups",
     "cluster_thresholds",
     "clustered_variance",
     "describe_groups",
@@ -59,14 +60,19 @@ GROUPS_CALIBRATED = 20
 _BLOCK = 128
 
 
+def check_groups(groups: Any, n: int, what: str) -> np.ndarray:
+    """The group ids of ``n`` maps as a flat array; one-line ``ValueError`` naming ``what`` for a wrong length."""
+    g = np.asarray(groups).reshape(-1)
+    if g.shape[0] != n:
+        raise ValueError(f"{what} groups: {g.shape[0]} ids for {n} maps")
+    return g
+
+
 def _codes(groups: np.ndarray | None, n: int, what: str) -> np.ndarray:
     """Dense group codes 0..G-1 of ``n`` maps (``None``: every map its own group)."""
     if groups is None:
         return np.arange(n)
-    g = np.asarray(groups).reshape(-1)
-    if g.shape[0] != n:
-        raise ValueError(f"{what} groups: {g.shape[0]} ids for {n} maps")
-    return np.unique(g, return_inverse=True)[1].reshape(-1)
+    return np.unique(check_groups(groups, n, what), return_inverse=True)[1].reshape(-1)
 
 
 def is_grouped(groups: np.ndarray | None) -> bool:
@@ -93,19 +99,19 @@ def clustered_variance(x: np.ndarray, groups: np.ndarray | None = None) -> np.nd
 
     ``groups`` [N] are the group ids (``None``: independent maps, where this is s²/N with ddof = 1).
     """
-    x = np.asarray(x, dtype=np.float64)
-    n = x.shape[0]
-    sums, sizes = _group_sums(x, _codes(groups, n, "set"))
-    g = sums.shape[0]
-    if g < 2:
-        return np.full(x.shape[1], np.inf)
-    dev = sums - sizes[:, None] * x.mean(axis=0)
-    return g / (g - 1) * (dev * dev).sum(axis=0) / n**2
+    return _side(x, groups, "set")[2]
 
 
 def _side(x: np.ndarray, groups: np.ndarray | None, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    sums, sizes = _group_sums(x, _codes(groups, x.shape[0], what))
-    return sums, sizes, clustered_variance(x, groups)
+    """Group sums [G, F], group sizes [G] and the clustered variance [F] of the mean of one set ``x`` [N, F]."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    sums, sizes = _group_sums(x, _codes(groups, n, what))
+    g = sums.shape[0]
+    if g < 2:
+        return sums, sizes, np.full(x.shape[1], np.inf)
+    dev = sums - sizes[:, None] * x.mean(axis=0)
+    return sums, sizes, g / (g - 1) * (dev * dev).sum(axis=0) / n**2
 
 
 def _resampled(

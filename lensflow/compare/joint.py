@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from lensflow.compare.clusters import GROUPS_CALIBRATED, cluster_thresholds, describe_groups, is_grouped
+from lensflow.compare.clusters import (
+    GROUPS_CALIBRATED,
+    check_groups,
+    cluster_thresholds,
+    describe_groups,
+    is_grouped,
+)
 from lensflow.compare.metrics import Moments, as_rows, correlation_of
 from lensflow.compare.omnibus import energy_test
 from lensflow.compare.permutation import permutation_thresholds
@@ -56,10 +62,11 @@ def compare(
     tol = Tolerances.from_mapping(tolerances)
     flat_r, flat_c = _flat_sets(reference, candidate)
     sizes = (next(iter(flat_r.values())).shape[0], next(iter(flat_c.values())).shape[0])
-    groups = tuple(
-        None if g is None or not is_grouped(g) else _check_groups(g, n, w)
+    checked = [
+        None if g is None else check_groups(g, n, w)
         for g, n, w in zip(groups, sizes, ("reference", "candidate"), strict=True)
-    )
+    ]
+    groups = tuple(g if is_grouped(g) else None for g in checked)  # ids all distinct: independent maps
     calibrated, calibration = _calibrate(flat_r, flat_c, tol, seed, groups)
     n_bins = sum(int(np.sum((flat_r[k].std(axis=0) > 0) | (flat_c[k].std(axis=0) > 0))) for k in flat_r)
     family = (n_bins, len(reference)) if tol.family == "report" else None
@@ -170,13 +177,6 @@ def _calibrate(flat_r: dict, flat_c: dict, tol: Tolerances, seed: int, groups: t
         "groups_calibrated": GROUPS_CALIBRATED,
         "calibrated": all(d["groups"] >= GROUPS_CALIBRATED for d in described.values()),
     }
-
-
-def _check_groups(groups: Any, n: int, what: str) -> np.ndarray:
-    g = np.asarray(groups).reshape(-1)
-    if g.shape[0] != n:
-        raise ValueError(f"{what} groups: {g.shape[0]} ids for {n} maps")
-    return g
 
 
 def _one_per_group(flat: dict, groups: np.ndarray | None, seed: int) -> dict:
