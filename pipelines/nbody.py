@@ -54,7 +54,8 @@ def cmd_gaussian_part(a: argparse.Namespace) -> None:
 def cmd_bits(a: argparse.Namespace) -> None:
     model = KappaFlow.load(a.ckpt)
     st = open_store(a.maps)
-    idx = np.sort(np.random.default_rng(a.seed).choice(len(st), min(a.n, len(st)), replace=False))
+    pool = st.indices(a.split)
+    idx = np.sort(np.random.default_rng(a.seed).choice(pool, min(a.n, pool.size), replace=False))
     gp, full = [], []
     for lo in range(0, idx.size, 250):
         maps = st.read(idx[lo : lo + 250])
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--maps", required=True)
     b.add_argument("--n", type=int, default=2000)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--split", default=None, help="train/val/test (default: every map); train vs test shows overfitting")
     b.add_argument("--out", required=True)
     s = sub.add_parser("sims")
     s.add_argument("--train", required=True)
