@@ -200,3 +200,17 @@ def test_missing_or_malformed_store(tmp_path):
         f["kappa"] = np.zeros((4, 1, 8, 8), np.float32)
     with pytest.raises(MapStoreError, match="schema_version"):
         KappaDataModule(tmp_path / "bad.h5")
+
+
+def test_eval_groups_are_the_val_maps_realization_ids(tmp_path):
+    rng = np.random.default_rng(0)
+    kappa = rng.normal(0.0, 0.02, size=(60, 1, 16, 16)).astype(np.float32)
+    boxes = np.repeat(np.arange(12), 5)  # 5 maps per box: train/val/test never share a box
+    meta = StoreMeta(pixel_arcmin=2.0, source_redshifts=(1.0,))
+    path = write_store(tmp_path / "b.h5", kappa, meta, realization=boxes)
+    dm = KappaDataModule(path, batch_size=4, max_val_maps=7)
+    maps, _ = dm.eval_maps("val", 7)
+    groups = dm.eval_groups("val", 7)
+    idx = dm.split_indices("val")[:7]
+    np.testing.assert_array_equal(groups, boxes[idx])
+    np.testing.assert_array_equal(maps, kappa[idx])

@@ -83,6 +83,7 @@ def train_summary_text(result: Mapping[str, Any]) -> str | None:
                 f"{'PASS' if v['pass'] else 'FAIL'}{note}"
             )
             lines += [f"    {f}" for f in v.get("failures", [])[:5]]
+            lines += [f"    warning: {w}" for w in v.get("warnings", [])]
         kl = s.get("kl") or {}
         if kl.get("available"):
             tr, tr_se = kl.get("train_kl_bits_per_dim", math.nan), kl.get("train_kl_se", math.nan)

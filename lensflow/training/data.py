@@ -251,6 +251,14 @@ class KappaDataModule(L.LightningDataModule):
             idx = idx[:n]
         return self.store.read(idx), self._params(idx)
 
+    def eval_groups(self, split: str = "val", n: int | None = None) -> np.ndarray:
+        """The realization ids of :meth:`eval_maps`'s maps: maps that share one (one N-body box) are correlated, and
+        the sample check compares them with clustered errors, as ``validate`` does."""
+        idx = self._split_idx[split]
+        if n is not None:
+            idx = idx[:n]
+        return self.store.read_realization()[idx]
+
     # -- Lightning hooks --------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(

@@ -194,10 +194,12 @@ def _final_check(
     default verdict on the same samples, and the checkpoint's KL gaps when the store has an exact likelihood."""
     model = KappaFlow.load(src, device)
     ref, ref_params = dm.eval_maps("val", req.check.n_samples)
+    groups = dm.eval_groups("val", req.check.n_samples)
     res = sample_check(
         model,
         ref,
         ref_params,
+        ref_groups=groups,
         check=req.check,
         seed=req.seed + _FINAL_SEED_OFFSET,
         out_dir=req.run_dir,
@@ -207,7 +209,7 @@ def _final_check(
     )
     path = req.run_dir / "samples.h5"
     write_samples(path, res["samples"], ref_params, model, src, req.config)
-    verdict = full_verdict(ref, res["samples"], model.meta, req.seed + _FINAL_SEED_OFFSET)
+    verdict = full_verdict(ref, res["samples"], model.meta, req.seed + _FINAL_SEED_OFFSET, groups)
     gaps = kl_gaps(model, kl.sets) if kl is not None and kl.sets is not None else None
     return {
         **res,

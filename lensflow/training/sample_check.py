@@ -36,6 +36,7 @@ from lensflow._util.atomic import write_json
 from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
 from lensflow.compare import compare
+from lensflow.compare.clusters import GROUPS_CALIBRATED, is_grouped
 from lensflow.compare.tolerances import CHECK_TARGETS, POPULATED_SE
 from lensflow.mapstore import StoreMeta
 from lensflow.report.check_figures import check_figures
@@ -85,8 +86,12 @@ def sample_check(
     tag: str = "check",
     device: torch.device | str | None = None,
     keep_samples: bool = False,
+    ref_groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Sample as many maps as ``ref_maps`` (with ``ref_params`` as conditions) and compare them.
+
+    ``ref_groups`` are the reference maps' realization ids (:meth:`KappaDataModule.eval_groups`): maps cut from one
+    N-body box are correlated, and their standard errors are then clustered, as in ``validate``.
 
     Returns ``{"metrics": {...}, "figures": {name: path}, "bins": {...}, "samples": array or None}``
     (``bins``: per statistic the bin centres and both means; the samples only with ``keep_samples``).
@@ -106,7 +111,8 @@ def sample_check(
         log.warning("sample check %s: %d finite samples of %d maps, too few to compare (%d)", tag, len(s), n, MIN_MAPS)
         metrics.update(dict.fromkeys(METRICS, math.nan))
     else:
-        result, bins = compare_maps(ref, s, MeasureOptions.for_check(chk, meta, STATISTICS), meta, seed)
+        groups = (ref_groups, None)
+        result, bins = compare_maps(ref, s, MeasureOptions.for_check(chk, meta, STATISTICS), meta, seed, groups)
         metrics.update(metrics_of(result))
         ref_std = float(ref.std(dtype=np.float64))
         metrics["std_ratio"] = float(s.std(dtype=np.float64)) / ref_std if ref_std > 0 else math.nan
@@ -119,16 +125,22 @@ def sample_check(
 
 
 def compare_maps(
-    ref: np.ndarray, cand: np.ndarray, options: MeasureOptions, meta: StoreMeta, seed: int = 0
+    ref: np.ndarray,
+    cand: np.ndarray,
+    options: MeasureOptions,
+    meta: StoreMeta,
+    seed: int = 0,
+    groups: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validate's comparison of two sets of maps in memory: the :func:`lensflow.compare.compare` result and,
     per statistic, ``{"x": bin centres, "reference": mean, "sample": mean, "frac": fractional error}``.
+    ``groups``: each set's realization ids, or ``None`` for independent maps (:func:`lensflow.compare.compare`).
 
     Measured by validate's :func:`lensflow.validation.measure.measure_pair` with its seed streams; the maps as they
     are (float32 or float64).
     """
     config, stats = measure_pair(ref, cand, options, meta, seed_streams(seed), dtype=None)
-    result = compare(stats["reference"], stats["candidate"], seed=seed)
+    result = compare(stats["reference"], stats["candidate"], seed=seed, groups=groups)
     xs = summary_bins(config, ref.shape[-1], ref.shape[1])
     bins = {
         _short(name): {
@@ -143,15 +155,28 @@ def compare_maps(
     return result, bins
 
 
-def full_verdict(ref: np.ndarray, samples: np.ndarray, meta: StoreMeta, seed: int) -> dict[str, Any]:
-    """``python -m lensflow.validate``'s default comparison (every statistic, both smoothing scales, permutation-
-    calibrated verdict and omnibus test) of finite ``samples`` against ``ref``: pass, failures and sizes."""
+def full_verdict(
+    ref: np.ndarray, samples: np.ndarray, meta: StoreMeta, seed: int, ref_groups: np.ndarray | None = None
+) -> dict[str, Any]:
+    """``python -m lensflow.validate``'s default comparison (every statistic, both smoothing scales, calibrated
+    verdict and omnibus test) of finite ``samples`` against ``ref``: pass, failures, sizes and warnings.
+    ``ref_groups``: the reference maps' realization ids; maps that share a box get clustered errors, as in
+    ``validate``, and fewer than :data:`~lensflow.compare.clusters.GROUPS_CALIBRATED` boxes give a warning."""
     s = samples[np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)]
     if min(len(s), len(ref)) < MIN_MAPS:
         return {"pass": None, "failures": [f"too few maps to compare ({len(s)} samples, {len(ref)} references)"]}
-    result, _ = compare_maps(ref, s, MeasureOptions.from_config({}), meta, seed)
+    result, _ = compare_maps(ref, s, MeasureOptions.from_config({}), meta, seed, (ref_groups, None))
     n = min(len(ref), len(s))
+    warnings = []
+    if ref_groups is not None and is_grouped(ref_groups):
+        boxes = np.unique(ref_groups).size
+        if boxes < GROUPS_CALIBRATED:
+            warnings.append(
+                f"the {len(ref)} validation maps come from {boxes} realizations (boxes): the verdict's error bars "
+                f"are calibrated from {GROUPS_CALIBRATED}; validate against more held-out boxes"
+            )
     return {
+        "warnings": warnings,
         "pass": bool(result["pass"]),
         "failures": list(result["failures"]),
         "n_reference": int(result["n_reference"]),
@@ -200,7 +225,7 @@ class SampleCheck(L.Callback):
     def __init__(self, check: CheckSettings, seed: int) -> None:
         self.check = check
         self.seed = int(seed)
-        self._ref: tuple[np.ndarray, np.ndarray] | None = None
+        self._ref: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         every = self.check.every
@@ -210,11 +235,15 @@ class SampleCheck(L.Callback):
         if not trainer.is_global_zero or dm is None or not hasattr(dm, "eval_maps"):
             return
         if self._ref is None:
-            self._ref = dm.eval_maps("val", self.check.n_samples)
+            groups = dm.eval_groups("val", self.check.n_samples) if hasattr(dm, "eval_groups") else None
+            self._ref = (*dm.eval_maps("val", self.check.n_samples), groups)
         tag = f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}"
+        maps, params, groups = self._ref
         res = sample_check(
             pl_module.model,
-            *self._ref,
+            maps,
+            params,
+            ref_groups=groups,
             check=self.check,
             seed=self.seed + trainer.current_epoch,
             out_dir=Path(trainer.default_root_dir) / "checks",
