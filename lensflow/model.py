@@ -225,7 +225,7 @@ class KappaFlow(nn.Module):
     ) -> None:
         super().__init__()
         meta, npix, store = training_maps({"meta": meta, "npix": npix, "store": None if store is None else str(store)})
-        self.settings = ModelSettings.from_mapping(model)
+        self.settings = ModelSettings.from_config(model)
         self.meta, self.npix, self.store = meta, int(npix), store
         self.param_names = tuple(str(p) for p in (param_names or ()))
         self.seed = int(seed)

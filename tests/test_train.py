@@ -387,10 +387,10 @@ def test_the_yaml_values_are_the_library_defaults():
     from lensflow.training.settings import CheckSettings, ModelSettings, OptimSettings
 
     cfg = compose("train")
-    assert ModelSettings.from_mapping(cfg.model) == ModelSettings()
-    assert OptimSettings.from_mapping(cfg.optim) == OptimSettings()
-    assert CheckSettings.from_mapping(cfg.check) == CheckSettings()
-    assert CallbackSettings.from_mapping(cfg.callbacks) == CallbackSettings()
+    assert ModelSettings.from_config(cfg.model) == ModelSettings()
+    assert OptimSettings.from_config(cfg.optim) == OptimSettings()
+    assert CheckSettings.from_config(cfg.check) == CheckSettings()
+    assert CallbackSettings.from_config(cfg.callbacks) == CallbackSettings()
 
 
 def test_train_outputs_are_readable_by_the_group_under_umask_022(data_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The base of the typed settings dataclasses: ``from_mapping`` (partial mapping over the defaults, unknown keys
+"""The base of the typed settings dataclasses: ``from_config`` (partial mapping over the defaults, unknown keys
 refused in one line naming the node) and ``to_dict`` (the plain dict a checkpoint stores)."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ _S = TypeVar("_S", bound="Settings")
 
 
 class Settings:
-    """``from_mapping`` / ``to_dict`` shared by the settings dataclasses; ``node`` names them in errors."""
+    """``from_config`` / ``to_dict`` shared by the settings dataclasses; ``node`` names them in errors."""
 
     node = ""
 
     @classmethod
-    def from_mapping(cls: type[_S], values: Mapping[str, Any] | _S | None = None) -> _S:
+    def from_config(cls: type[_S], values: Mapping[str, Any] | _S | None = None) -> _S:
         """Settings from a (partial) mapping over the defaults; ``None`` gives the defaults."""
         if isinstance(values, cls):
             return values

@@ -59,7 +59,7 @@ def compare(
         dict: ``{"pass": bool, "n_reference", "n_candidate", "tolerances": {...}, "statistics": {name:
         compare_statistic(...)}, "calibration": {...} or None, "omnibus": {...}, "failures": [...]}``.
     """
-    tol = Tolerances.from_mapping(tolerances)
+    tol = Tolerances.from_config(tolerances)
     flat_r, flat_c = _flat_sets(reference, candidate)
     sizes = (next(iter(flat_r.values())).shape[0], next(iter(flat_c.values())).shape[0])
     checked = [

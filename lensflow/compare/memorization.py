@@ -127,7 +127,7 @@ def memorization_check(
     fractions of both sets, the one-sided Mann–Whitney U p-value (candidates closer), ``median_ratio``,
     the index of each candidate's nearest training map, ``pass`` and ``failures``.
     """
-    tol = MemorizationTolerances.from_mapping(tolerances)
+    tol = MemorizationTolerances.from_config(tolerances)
     ct, ht = _tensor(candidate, "candidate"), _tensor(heldout, "heldout")
     if ct.shape[1:] != ht.shape[1:]:
         raise ValueError(

@@ -38,7 +38,7 @@ POPULATED_SE = 0.5
 _T = TypeVar("_T")
 
 
-def _from_mapping(cls: type[_T], m: Mapping[str, Any] | _T | None, what: str) -> _T:
+def _from_config(cls: type[_T], m: Mapping[str, Any] | _T | None, what: str) -> _T:
     """``cls`` from a dict/DictConfig of its fields (``None``: the defaults), unknown keys named in one line."""
     if m is None:
         return cls()
@@ -115,9 +115,9 @@ class Tolerances:
         return float(2.0 * sps.norm.sf(self.mean_sigma))
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | Tolerances | None) -> Tolerances:
+    def from_config(cls, m: Mapping[str, Any] | Tolerances | None) -> Tolerances:
         """Build from a dict/DictConfig, rejecting unknown keys with one line naming them."""
-        return _from_mapping(cls, m, "tolerances")
+        return _from_config(cls, m, "tolerances")
 
 
 @dataclass(frozen=True)
@@ -144,9 +144,9 @@ class MemorizationTolerances:
             raise ValueError(f"memorization.pvalue must lie in (0, 1), got {self.pvalue!r}")
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | MemorizationTolerances | None) -> MemorizationTolerances:
+    def from_config(cls, m: Mapping[str, Any] | MemorizationTolerances | None) -> MemorizationTolerances:
         """Build from a dict/DictConfig, rejecting unknown keys with one line naming them."""
-        return _from_mapping(cls, m, "memorization")
+        return _from_config(cls, m, "memorization")
 
 
 def per_bin_sigma(sigma: float, n_bins: int, method: str = "sidak") -> float:

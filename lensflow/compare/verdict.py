@@ -252,7 +252,7 @@ def compare_statistic(
     cut from one box; ``None``: independent maps), which the correlation noise floor sums over. Arrays in the
     result are flattened over the trailing axes (``shape`` gives them back).
     """
-    tol = Tolerances.from_mapping(tolerances)
+    tol = Tolerances.from_config(tolerances)
     r, shape = as_rows(name, reference, "reference")
     c, shape_c = as_rows(name, candidate, "candidate")
     if shape != shape_c:

@@ -98,7 +98,7 @@ class GenerationRequest:
         kw["cond"] = dict(kw.get("cond") or {})
         seed = check_int("seed", kw.setdefault("seed", cls.__dataclass_fields__["seed"].default), 0)
         if not isinstance(kw.get("noise"), ShapeNoise):
-            kw["noise"] = ShapeNoise.from_mapping(kw.get("noise"), seed)
+            kw["noise"] = ShapeNoise.from_config(kw.get("noise"), seed)
         return cls(**kw)
 
     def __post_init__(self) -> None:

@@ -50,7 +50,7 @@ class ShapeNoise:
     seed: int
 
     @classmethod
-    def from_mapping(cls, noise: Mapping[str, Any] | None, seed: int) -> ShapeNoise | None:
+    def from_config(cls, noise: Mapping[str, Any] | None, seed: int) -> ShapeNoise | None:
         """The noise model of a ``noise`` node (``sigma_e`` null or 0: none); ``seed`` null = ``seed``."""
         if not noise or noise.get("sigma_e") in (None, 0, 0.0):
             return None
@@ -208,7 +208,7 @@ def sample_maps(
         temperature,
         check_bool("ema", ema),
         check_int("max_attempts", max_attempts, 1),
-        ShapeNoise.from_mapping(noise, seed),
+        ShapeNoise.from_config(noise, seed),
         allow,
     )
     out = np.empty((n, *sampler.shape), dtype=np.float32)

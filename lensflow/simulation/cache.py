@@ -40,5 +40,5 @@ def ensure_simulated(spec: Mapping[str, Any], cache_dir: str | Path) -> Path:
     with target_lock(path, wait=True):  # another process simulating the same spec: wait for it, then use its store
         if path.exists():
             return path
-        simulate(SimulationRequest.of_spec(resolved, {**run, "out": str(path), "overwrite": False}))
+        simulate(SimulationRequest.from_config({**resolved, **run, "out": str(path), "overwrite": False}))
     return path

@@ -28,17 +28,13 @@ class SimulationRequest:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SimulationRequest:
-        """From ``conf/simulate.yaml`` composed (or an equivalent mapping; missing spec keys take the defaults)."""
+        """From ``conf/simulate.yaml`` composed, or an equivalent mapping (a resolved spec plus run-time keys
+        :data:`RUN_KEYS`); the keys left out take their defaults."""
         full = to_plain(cfg)
         if not isinstance(full, dict):
             raise ValueError("simulate: config must be a mapping")
         spec = resolve_spec({k: v for k, v in full.items() if k in SPEC_KEYS or k in RUN_KEYS})
-        return cls.of_spec(spec, {k: full[k] for k in RUN_KEYS if k in full})
-
-    @classmethod
-    def of_spec(cls, spec: dict[str, Any], run: Mapping[str, Any]) -> SimulationRequest:
-        """A request from a resolved spec and run-time keys (:data:`RUN_KEYS`; those left out take their defaults)."""
-        run = {**RUN_DEFAULTS, **run}
+        run = {**RUN_DEFAULTS, **{k: full[k] for k in RUN_KEYS if k in full}}
         if not run.get("out"):
             raise ValueError("out: give the path of the map store to write")
         out = Path(str(run["out"]))

@@ -41,7 +41,7 @@ class CallbackSettings:
         check_bool("callbacks.param_digest", self.param_digest)
 
     @classmethod
-    def from_mapping(cls, node: Mapping[str, Any] | None) -> CallbackSettings:
+    def from_config(cls, node: Mapping[str, Any] | None) -> CallbackSettings:
         """From a ``callbacks`` node (``conf/callbacks/default.yaml``)."""
         d = dict(to_plain(node) or {})
         ck = dict(d.pop("checkpoint", None) or {})

@@ -74,12 +74,12 @@ class GlowModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = KappaFlow(model, meta, npix, param_names, seed, store)
-        self.optim_settings = OptimSettings.from_mapping(optim)
+        self.optim_settings = OptimSettings.from_config(optim)
         self.save_hyperparameters(
             {
                 **self.model.hyper_parameters(),
                 "optim": self.optim_settings.to_dict(),
-                "check": CheckSettings.from_mapping(check).to_dict(),
+                "check": CheckSettings.from_config(check).to_dict(),
                 "config": to_plain(config),
             }
         )

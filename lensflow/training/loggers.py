@@ -35,7 +35,7 @@ class LoggerSettings:
         object.__setattr__(self, "tags", tuple(str(t) for t in self.tags))
 
     @classmethod
-    def from_mapping(cls, node: Mapping[str, Any] | None) -> LoggerSettings:
+    def from_config(cls, node: Mapping[str, Any] | None) -> LoggerSettings:
         """From a ``logger`` node (``None`` or ``kind: none``: no logger); unknown keys are refused."""
         d = dict(to_plain(node) or {})
         if d.get("kind") is None:

@@ -54,7 +54,7 @@ class DataRequest:
     loader: Mapping[str, Any]
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any], data_dir: Any, levels: int) -> DataRequest:
+    def from_config(cls, d: Mapping[str, Any], data_dir: Any, levels: int) -> DataRequest:
         if d.get("path") == "???":
             raise ValueError("data.path: name the map store to train on (data.path=/path/to/maps.h5)")
         sim = d.get("simulate") or None
@@ -96,19 +96,19 @@ class TrainRequest:
         c = to_plain(copy.deepcopy(cfg))
         run_dir = _run_dir(c)
         c["paths"]["run_dir"] = str(run_dir)
-        model = ModelSettings.from_mapping(c["model"])
+        model = ModelSettings.from_config(c["model"])
         ckpt = c.get("ckpt_path")
         return cls(
             name=str(c["name"]),
             seed=check_int("seed", c["seed"], 0),
             run_dir=run_dir,
-            data=DataRequest.from_mapping(c["data"], c["paths"]["data_dir"], model.levels),
+            data=DataRequest.from_config(c["data"], c["paths"]["data_dir"], model.levels),
             model=model,
-            optim=OptimSettings.from_mapping(c["optim"]),
-            check=CheckSettings.from_mapping(c["check"]),
+            optim=OptimSettings.from_config(c["optim"]),
+            check=CheckSettings.from_config(c["check"]),
             trainer=_trainer_kwargs(c["trainer"]),
-            logger=LoggerSettings.from_mapping(c["logger"]),
-            callbacks=CallbackSettings.from_mapping(c["callbacks"]),
+            logger=LoggerSettings.from_config(c["logger"]),
+            callbacks=CallbackSettings.from_config(c["callbacks"]),
             ckpt_path=Path(str(ckpt)).expanduser() if ckpt else None,
             prepare_only=check_bool("prepare_only", c["prepare_only"]),
             config=c,

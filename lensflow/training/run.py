@@ -163,11 +163,11 @@ def check_resume(ckpt_path: Path, module: GlowModule) -> Path:
     p = Path(ckpt_path).expanduser()
     hp = read_checkpoint(p, mmap=True)["hyper_parameters"]  # one-line ValueError if foreign; tensors not read
     try:
-        theirs = ModelSettings.from_mapping(hp.get("model"))
+        theirs = ModelSettings.from_config(hp.get("model"))
         meta, npix, _ = training_maps(hp)
     except (TypeError, ValueError) as e:
         raise ValueError(f"ckpt_path={p}: checkpoint of another lensflow ({e})") from None
-    ours = ModelSettings.from_mapping(module.hparams["model"])
+    ours = ModelSettings.from_config(module.hparams["model"])
     diffs = [
         f"model.{k}={getattr(theirs, k)!r} in the checkpoint, {getattr(ours, k)!r} here"
         for k in _ARCH_KEYS

@@ -97,7 +97,7 @@ def sample_check(
     (``bins``: per statistic the bin centres and both means; the samples only with ``keep_samples``).
     With ``out_dir``, ``<tag>.json`` and the figures ``<tag>_maps.png``, ``<tag>_stats.png`` go there.
     """
-    chk = CheckSettings.from_mapping(check)
+    chk = CheckSettings.from_config(check)
     meta: StoreMeta = module.meta
     ref = np.asarray(ref_maps)
     n = ref.shape[0]

@@ -3,7 +3,7 @@ sample check (library defaults).
 
 Each dataclass holds the library's one default per knob; ``conf/model``, ``conf/optim`` and the ``check``
 node of ``conf/train.yaml`` are the command's values for the same fields (a test keeps them equal).
-:meth:`from_mapping` takes a partial mapping (Python callers) or a composed config node, refuses unknown
+:meth:`from_config` takes a partial mapping (Python callers) or a composed config node, refuses unknown
 keys and checks every value with one line naming ``NODE.KEY``; :meth:`to_dict` gives the plain dict a
 checkpoint stores.
 """

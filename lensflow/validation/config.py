@@ -360,7 +360,7 @@ def _memorization(m: Mapping[str, Any]) -> MemorizationOptions:
         check_optional_int("memorization.max_maps", m.pop("max_maps")),
         check_int("memorization.batch_size", m.pop("batch_size")),
         check_bool("memorization.dihedral", m.pop("dihedral")),
-        MemorizationTolerances.from_mapping(m),
+        MemorizationTolerances.from_config(m),
     )
 
 
@@ -381,7 +381,7 @@ def _request(cfg: Mapping[str, Any] | Any) -> ValidationRequest:
     return ValidationRequest(
         selection=_selection(c),
         measure=_measure_options(c),
-        tolerances=Tolerances.from_mapping(c["tolerances"]),
+        tolerances=Tolerances.from_config(c["tolerances"]),
         memorization=_memorization(c["memorization"]),
         figures=FigureOptions(
             check_bool("figures.enabled", fig["enabled"]),

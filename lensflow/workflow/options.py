@@ -17,7 +17,7 @@ from typing import Any
 from lensflow.cli import compose, config_error, open_node_overrides
 from lensflow.workflow.stages import STAGES, PipelineError
 
-__all__ = ["PipelineRequest", "given", "parse_args"]
+__all__ = ["PipelineRequest", "given"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,41 @@ class PipelineRequest:
     train_cfg: Any
     gen_cfg: Any
     val_cfg: Any
+
+    @classmethod
+    def from_config(cls, argv: Sequence[str]) -> PipelineRequest:
+        """The request of the runner's command line (its config: its options and each command's overrides, composed
+        once); bad input raises :class:`PipelineError`."""
+        opts, rest = _parser().parse_known_args(list(argv))
+        train, gen, val = [], [], []
+        for a in rest:
+            if a.startswith("-"):
+                raise PipelineError(f"unknown option {a}")
+            if "=" not in a and not a.startswith("~"):
+                raise PipelineError(f"argument {a!r} is not KEY=VALUE")
+            if a.startswith("generate."):
+                gen.append(a[len("generate.") :])
+            elif a.startswith("validate."):
+                val.append(a[len("validate.") :])
+            else:
+                train.append(a)
+        gen, val = open_node_overrides(gen, ("cond",)), open_node_overrides(val, ("select",))
+        stages, force = _stage_list(opts.stages, "stages"), frozenset(_stage_list(opts.force, "force"))
+        train_cfg = _compose("train", train)
+        default = Path(str(train_cfg.paths.output_dir)) / "pipeline" / str(train_cfg.name)
+        return cls(
+            run_dir=Path(opts.run_dir or default).expanduser().resolve(),
+            stages=stages,
+            force=force,
+            dry_run=opts.dry_run,
+            in_process=opts.in_process,
+            train_args=tuple(train),
+            gen_args=tuple(gen),
+            val_args=tuple(val),
+            train_cfg=train_cfg,
+            gen_cfg=_compose("generate", gen),
+            val_cfg=_compose("validate", val),
+        )
 
 
 def _stage_list(s: str, option: str) -> tuple[str, ...]:
@@ -65,40 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--in-process", action="store_true", help="run the train stage in this process too")
     return p
-
-
-def parse_args(argv: Sequence[str]) -> PipelineRequest:
-    """Options and composed configs from the runner's argv; bad input raises :class:`PipelineError`."""
-    opts, rest = _parser().parse_known_args(list(argv))
-    train, gen, val = [], [], []
-    for a in rest:
-        if a.startswith("-"):
-            raise PipelineError(f"unknown option {a}")
-        if "=" not in a and not a.startswith("~"):
-            raise PipelineError(f"argument {a!r} is not KEY=VALUE")
-        if a.startswith("generate."):
-            gen.append(a[len("generate.") :])
-        elif a.startswith("validate."):
-            val.append(a[len("validate.") :])
-        else:
-            train.append(a)
-    gen, val = open_node_overrides(gen, ("cond",)), open_node_overrides(val, ("select",))
-    stages, force = _stage_list(opts.stages, "stages"), frozenset(_stage_list(opts.force, "force"))
-    train_cfg = _compose("train", train)
-    default = Path(str(train_cfg.paths.output_dir)) / "pipeline" / str(train_cfg.name)
-    return PipelineRequest(
-        run_dir=Path(opts.run_dir or default).expanduser().resolve(),
-        stages=stages,
-        force=force,
-        dry_run=opts.dry_run,
-        in_process=opts.in_process,
-        train_args=tuple(train),
-        gen_args=tuple(gen),
-        val_args=tuple(val),
-        train_cfg=train_cfg,
-        gen_cfg=_compose("generate", gen),
-        val_cfg=_compose("validate", val),
-    )
 
 
 def given(overrides: Sequence[str], key: str) -> bool:

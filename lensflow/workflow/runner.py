@@ -24,7 +24,7 @@ from lensflow._util.hashing import sha256_file
 from lensflow._util.plain import to_plain
 from lensflow.report.html import pipeline_page
 from lensflow.report.text import pipeline_line, pipeline_stage_line
-from lensflow.workflow.options import PipelineRequest, given, parse_args
+from lensflow.workflow.options import PipelineRequest, given
 from lensflow.workflow.stages import STAGES, PipelineError, Stage, stage_hash, write_records
 
 __all__ = ["Pipeline", "run_pipeline"]
@@ -314,4 +314,4 @@ class Pipeline:
 
 def run_pipeline(argv: Sequence[str], say: Callable[[str], None]) -> int:
     """Parse ``argv`` (see :mod:`lensflow.workflow.options`), run the pipeline, return the exit code."""
-    return Pipeline(parse_args(argv), say).run()
+    return Pipeline(PipelineRequest.from_config(argv), say).run()
