@@ -70,6 +70,9 @@ def compose(config_name: str, overrides: Sequence[str] = (), *, return_hydra_con
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    from lensflow.confstore import register
+
+    register(config_name)
     if GlobalHydra.instance().is_initialized():
         return hydra_compose(
             config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
@@ -351,6 +354,9 @@ def command(
             args[0] = f"{first_word}={args[0]}"
         args = open_node_overrides(args, open_nodes)
         sys.argv = [sys.argv[0], *args]
+        from lensflow.confstore import register
+
+        register(config_name)
         precheck(config_name, args, (*open_nodes, *added_nodes))
         state.clear()
         entry = hydra.main(config_path="pkg://lensflow.conf", config_name=config_name, version_base="1.3")(run)

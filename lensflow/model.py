@@ -87,23 +87,29 @@ class ModelSettings(Settings):
     levels: int = 4
     steps: int = 32
     hidden: int = 512
-    cond_dim: int | None = None
-    padding: str = "auto"
-    log_shift: bool = False
-    scale_bound: float = 2.0
+    cond_dim: int | None = None  # null = len(data.cond); set it to check the conditioning size explicitly
+    padding: str = "auto"  # auto = circular for periodic stores, zero otherwise
+    log_shift: bool = False  # shifted-log preprocessing of κ (Preprocess); the shift is fitted on training maps
+    scale_bound: float = 2.0  # soft clamp of affine-coupling log-scales
+    # affine: affine couplings (Glow) | spline: rational-quadratic spline couplings (Neural Spline Flows)
     coupling: str = "affine"
-    spline_bins: int = 8
+    spline_bins: int = 8  # spline couplings: bins of each spline (2-256)
+    # spline couplings: act on [-b, b] of the ActNorm-normalised activations, identity outside
     spline_tail_bound: float = 5.0
-    prior_bound: float = 5.0
+    prior_bound: float = 5.0  # soft clamp of prior log-std
     learn_top_prior: bool = True
+    # ml: maximum-likelihood shift of a shifted-lognormal PDF | margin: 1 sigma below the minimum
     shift_method: str = "ml"
-    stationary: bool = True
-    stationary_knots: int = 24
+    stationary: bool = True  # learned isotropic Gaussian layer in Fourier space before the Glow (TRENF-style)
+    stationary_knots: int = 24  # radial knots of its filter
+    # side of the block of lowest modes it whitens with one dense matrix (crop boundaries)
     stationary_low_modes: int = 8
-    stationary_dense: bool = False
+    stationary_dense: bool = False  # instead: the fitted exact Gaussian of a stationary field on the crop (<= 64^2)
+    # conditional crop Gaussian: degree of its correlation function's polynomial in each parameter
     stationary_degree: int = 3
+    # conditional models: degree in each parameter of the shifted log's λ, mean, std (null: one set)
     shift_degree: int | None = None
-    cond_log: bool = False
+    cond_log: bool = False  # conditional models: condition on log θ (amplitudes are ~power laws of Omega_m, sigma_8)
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("glow",))

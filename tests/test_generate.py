@@ -561,14 +561,16 @@ def test_outputs_are_readable_by_the_group_under_umask_022(tmp_path, ckpts, monk
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
-def test_the_yaml_values_are_the_request_defaults(tmp_path):
+def test_a_partial_config_from_python_is_the_composed_one(tmp_path):
+    """The command line and a Python caller get the same request: the YAML holds no default of its own."""
     (tmp_path / "x.ckpt").write_bytes(b"")
     from lensflow.generation import GenerationRequest
 
     composed = GenerationRequest.from_config(
         compose("generate", *ON_CPU, ckpt=str(tmp_path / "x.ckpt"), progress=True, accelerator="auto", devices="auto")
     )
-    assert composed == GenerationRequest(ckpt=tmp_path / "x.ckpt", out=Path("mocks.h5").absolute())
+    assert composed == GenerationRequest.from_config({"ckpt": str(tmp_path / "x.ckpt"), "noise": {"n_gal": 30.0}})
+    assert composed.out == Path("mocks.h5").absolute() and composed.noise is None
 
 
 def test_the_checkpoint_is_read_once_per_job(tmp_path, ckpts, monkeypatch):

@@ -285,9 +285,10 @@ def test_fits_outputs_respect_the_umask(tmp_path):
     assert (folder.stat().st_mode & 0o777) == 0o755
 
 
-def test_library_defaults_are_the_yaml_values():
-    """A partial mapping from Python is completed from ``ingestion.request.DEFAULTS``, never from the YAML at run
-    time; the YAML gives the command line the same values, in the same order (same provenance text)."""
+def test_the_command_line_composes_the_library_defaults():
+    """A partial mapping from Python and the command line are completed from one table,
+    ``ingestion.request.DEFAULTS`` (``conf/ingest.yaml`` takes it as a node): same values, same order, same
+    provenance text."""
     from helpers.config import plain
 
     from lensflow.ingestion.request import DEFAULTS

@@ -38,6 +38,7 @@ HIGHER = [
     "pytorch_lightning",
     "wandb",
     "lensflow.cli",
+    "lensflow.confstore",
     "lensflow.train",
     "lensflow.generate",
     "lensflow.validate",

@@ -310,8 +310,8 @@ def test_custom_spectrum_on_an_odd_periodic_grid():
 
 
 def test_the_config_cosmology_is_the_library_default():
-    """conf/cosmology/planck18.yaml (the one Planck block of the configs) equals sims.theory.PLANCK18, and
-    every simulator config takes it."""
+    """conf/cosmology/planck18.yaml (the one Planck block of the configs) takes sims.theory.PLANCK18, and every
+    simulator config takes it."""
     from helpers.config import plain
 
     from lensflow.simulation.spec import SIM_KEYS

@@ -225,9 +225,10 @@ def test_ensure_simulated_resolves_once_and_reads_no_yaml_for_a_composed_spec(tm
     assert open_store(path).n == 3 and len(calls) == 1
 
 
-def test_python_tables_match_the_yaml():
-    """The spec keys, the sim keys and the library's defaults are the YAML's (no drift): a partial spec from Python
-    and its composed twin resolve to one spec and one hash, and no library code reads the YAML."""
+def test_the_command_line_composes_the_python_tables():
+    """The configs compose the library's tables (``lensflow.simulation.defaults``, taken as nodes): every preset has
+    its ``conf/sim`` option, the composed keys are the spec's and each backend's, in the tables' order, so a partial
+    spec from Python and its composed twin resolve to one spec and one hash."""
     c = plain("simulate")
     assert set(specmod.SPEC_KEYS) | set(specmod.RUN_KEYS) == set(c)
     assert {k: c[k] for k in RUN_DEFAULTS} == RUN_DEFAULTS

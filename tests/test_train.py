@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -382,7 +383,9 @@ def test_ddp_cpu_two_processes_stay_in_sync(tmp_path, data_dir):
 # --------------------------------------------------------------------------------------------
 
 
-def test_the_yaml_values_are_the_library_defaults():
+def test_the_command_line_composes_the_library_defaults():
+    """``model=glow``, ``optim=adamw``, ``check`` and ``callbacks=default`` are the settings' own defaults (taken as
+    nodes), and ``model=glow_small`` changes only the sizes it names."""
     from lensflow.training.callbacks import CallbackSettings
     from lensflow.training.settings import CheckSettings, ModelSettings, OptimSettings
 
@@ -390,7 +393,9 @@ def test_the_yaml_values_are_the_library_defaults():
     assert ModelSettings.from_config(cfg.model) == ModelSettings()
     assert OptimSettings.from_config(cfg.optim) == OptimSettings()
     assert CheckSettings.from_config(cfg.check) == CheckSettings()
-    assert CallbackSettings.from_config(cfg.callbacks) == CallbackSettings()
+    assert CallbackSettings.from_config(cfg.callbacks) == CallbackSettings.from_config({})
+    small = ModelSettings.from_config(compose("train", "model=glow_small").model)
+    assert small == dataclasses.replace(ModelSettings(), levels=3, steps=8, hidden=64)
 
 
 def test_train_outputs_are_readable_by_the_group_under_umask_022(data_dir, tmp_path):

@@ -321,7 +321,7 @@ def test_arrays_and_stores_give_identical_statistics(stores, tmp_path):
 
 def test_partial_options_take_the_library_defaults():
     """One default per knob: what a mapping leaves out is ``validation.config.DEFAULTS``'s value (smoothing [2, 4]),
-    the YAML gives the command line the same values in the same order (no YAML is read at run time), and the
+    the command line composes the same table in the same order (``conf/validate.yaml`` takes it as a node), and the
     tolerances are the compare dataclasses' defaults."""
     from helpers.config import plain
 

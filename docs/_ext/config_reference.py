@@ -161,10 +161,14 @@ def command_section(name: str, conf_dir: Path) -> list[str]:
         package = d.package or ""
         if d.config_path is None or package == "hydra" or package.startswith("hydra."):
             continue
-        path = conf_dir / f"{d.config_path}.yaml"
-        _, file_comments = parse_comments(path)
-        rel = f"conf/{d.config_path}.yaml"
-        for key in _file_keys(path):
+        if d.config_path.startswith(NODE_ROOT):
+            node = d.config_path[len(NODE_ROOT) :]
+            rel, keys, file_comments = _node_where(node), _node_keys(node), node_comments(node)
+        else:
+            path = conf_dir / f"{d.config_path}.yaml"
+            _, file_comments = parse_comments(path)
+            rel, keys = f"conf/{d.config_path}.yaml", _file_keys(path)
+        for key in keys:
             sources[f"{package}.{key}" if package else key] = rel
         for key, text in file_comments.items():
             comments[f"{package}.{key}" if package else key] = text
@@ -220,6 +224,12 @@ def group_section(group: Path, conf_dir: Path) -> list[str]:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         data.pop("hydra", None)
         option_defaults = data.pop("defaults", None)
+        nodes = [_node_entry(e) for e in option_defaults or []]
+        for node, package in filter(None, nodes):  # the Python defaults this option takes, then its own keys
+            pre = "" if package == "_here_" else f"{package}."
+            values = {f"{pre}{k}": v for k, v in _flatten_values(_node_values(node))}
+            data = {**_unflatten(values), **data}
+            comments = {**{f"{pre}{k}": v for k, v in node_comments(node).items()}, **comments}
         title = {"bench": f"python -m lensflow.bench {path.stem}", "experiment": f"+experiment={path.stem}"}.get(
             name, f"{name}={path.stem}"
         )
@@ -248,6 +258,9 @@ def render(conf_dir: Path) -> str:
         "## Commands",
         "",
     ]
+    from lensflow.confstore import register
+
+    register()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for name in COMMANDS:
             lines += command_section(name, conf_dir)
@@ -277,3 +290,153 @@ def _generate(app: Any) -> None:
 def setup(app: Any) -> dict[str, Any]:
     app.connect("builder-inited", _generate)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+# -- comments of the defaults that live in Python (lensflow.confstore) ---------------------------------------------
+
+#: Where :func:`lensflow.confstore.register` stores the Python defaults in Hydra's ConfigStore.
+NODE_ROOT = "lensflow/"
+
+
+def _node_entry(entry: Any) -> tuple[str, str] | None:
+    """``(node, package)`` of a defaults-list entry ``{/lensflow/<group>@<package>: <name>}``, else ``None``."""
+    if not isinstance(entry, dict) or len(entry) != 1:
+        return None
+    ((key, name),) = entry.items()
+    group, _, package = str(key).partition("@")
+    group = group.lstrip("/")
+    if not group.startswith(NODE_ROOT):
+        return None
+    return f"{group[len(NODE_ROOT) :]}/{name}", package or group.rsplit("/", 1)[-1]
+
+
+def _node_values(node: str) -> dict[str, Any]:
+    from lensflow.confstore import node as node_values
+
+    return node_values(node)
+
+
+def _node_keys(node: str) -> list[str]:
+    return [k for k, _, _ in _flatten(_node_values(node))]
+
+
+def _node_where(node: str) -> str:
+    from lensflow.confstore import NODES
+
+    module, attr, *key = NODES[node]
+    return f"{module}.{attr}" + (f"[{key[0]!r}]" if key else "")
+
+
+def _flatten_values(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _flatten_values(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _unflatten(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dotted, v in values.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+#: Subtrees of a node whose keys are a dataclass's fields (documented in its body), not a literal in the node's table.
+SUBSOURCES: dict[str, dict[str, str]] = {
+    "validate/default": {
+        "tolerances": "lensflow.compare.tolerances:Tolerances",
+        "memorization": "lensflow.compare.tolerances:MemorizationTolerances",
+    },
+}
+
+
+def _line_comments(text: str) -> tuple[dict[int, str], dict[int, str]]:
+    """(trailing comments, comment-only lines) of Python source, by 1-based line number."""
+    import io
+    import tokenize
+
+    trailing: dict[int, str] = {}
+    alone: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            line = tok.start[0]
+            body = tok.string.lstrip("#").strip()
+            if body.startswith(("fmt:", "noqa", "type:")):
+                continue
+            (trailing if line in code_lines else alone)[line] = body
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    return trailing, alone
+
+
+def _comment_at(line: int, trailing: dict[int, str], alone: dict[int, str]) -> str:
+    """The comment lines just above ``line`` and its trailing comment, joined."""
+    above = []
+    k = line - 1
+    while k in alone:
+        above.insert(0, alone[k])
+        k -= 1
+    return " ".join([*above, trailing.get(line, "")]).strip()
+
+
+def _dict_comments(node: Any, prefix: str, trailing: dict, alone: dict, out: dict[str, str]) -> None:
+    import ast
+
+    for k, v in zip(node.keys, node.values, strict=True):
+        if not (isinstance(k, ast.Constant) and isinstance(k.value, str)):
+            continue
+        dotted = prefix + k.value
+        text = _comment_at(k.lineno, trailing, alone)
+        if text:
+            out[dotted] = text
+        if isinstance(v, ast.Dict):
+            _dict_comments(v, dotted + ".", trailing, alone, out)
+
+
+def python_comments(module: str, attr: str, key: str | None = None) -> dict[str, str]:
+    """``{dotted key: comment}`` of a defaults table in Python: a module-level dict literal ``attr`` (its entry
+    ``key`` for a table of presets) or the fields of dataclass ``attr``. A key's comment is the comment lines just
+    above it and its trailing comment."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    text = Path(spec.origin).read_text()
+    tree = ast.parse(text)
+    trailing, alone = _line_comments(text)
+    out: dict[str, str] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ClassDef) and stmt.name == attr:
+            for f in stmt.body:
+                if isinstance(f, ast.AnnAssign) and isinstance(f.target, ast.Name):
+                    text_ = _comment_at(f.lineno, trailing, alone)
+                    if text_:
+                        out[f.target.id] = text_
+            return out
+        targets = [stmt.target] if isinstance(stmt, ast.AnnAssign) else getattr(stmt, "targets", [])
+        target = targets[0] if targets else None
+        if isinstance(target, ast.Name) and target.id == attr and isinstance(stmt.value, ast.Dict):
+            value = stmt.value
+            if key is not None:
+                pairs = zip(value.keys, value.values, strict=True)
+                value = next(v for k, v in pairs if getattr(k, "value", None) == key)
+            _dict_comments(value, "", trailing, alone, out)
+            return out
+    raise LookupError(f"{module}.{attr}: no dict literal or class of that name")
+
+
+def node_comments(path: str) -> dict[str, str]:
+    """The comments of :data:`lensflow.confstore.NODES` entry ``path``, subtrees from :data:`SUBSOURCES` included."""
+    from lensflow.confstore import NODES
+
+    out = python_comments(*NODES[path])
+    for sub, where in SUBSOURCES.get(path, {}).items():
+        module, attr = where.split(":")
+        out.update({f"{sub}.{k}": v for k, v in python_comments(module, attr).items()})
+    return out

@@ -141,17 +141,19 @@ def run(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
                 def raw(m: Any = module, g: torch.Generator = g, B: int = B, c: Any = cond) -> Any:
                     return m.sample(B, cond=c, generator=g)
 
-                request = GenerationRequest(
-                    ckpt=path,
-                    out=Path(tmp) / "warm.h5",
-                    n_maps=B,
-                    batch_size=B,
-                    seed=seed,
-                    accelerator=dev_name,
-                    devices=1,
-                    progress=False,
-                    overwrite=True,
-                    cond=cond or {},
+                request = GenerationRequest.from_config(
+                    {
+                        "ckpt": str(path),
+                        "out": str(Path(tmp) / "warm.h5"),
+                        "n_maps": B,
+                        "batch_size": B,
+                        "seed": seed,
+                        "accelerator": dev_name,
+                        "devices": 1,
+                        "progress": False,
+                        "overwrite": True,
+                        "cond": cond or {},
+                    }
                 )
                 # warm-up of every path (kernels, caches, cuDNN autotuning, file system)
                 one(), raw()

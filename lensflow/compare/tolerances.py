@@ -2,8 +2,8 @@
 
 :class:`Tolerances` gates :func:`lensflow.compare.compare`, :class:`MemorizationTolerances` gates
 :func:`lensflow.compare.memorization_check`; the reasoning behind each default is in the package
-docstring. Both are library knobs: their defaults live in these fields (``conf/validate.yaml`` restates
-them for the command line, and a test keeps the two equal).
+docstring. Both are library knobs: their defaults live in these fields, which ``python -m lensflow.validate``
+composes too (:data:`lensflow.validation.config.DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -81,19 +81,22 @@ class Tolerances:
         omnibus_max_maps: maps per set entering the omnibus test (random subsets above it).
     """
 
-    mean_rtol: float = 0.02
+    mean_rtol: float = 0.02  # mean within max(2 %, mean_sigma standard errors) per bin
     mean_sigma: float = 3.0
-    std_rtol: float = 0.05
-    std_sigma: float | None = 3.0
-    corr_rms: float = 0.05
-    corr_sigma: float | None = 3.0
-    multiple_testing: str = "sidak"
-    family: str = "report"
-    chi2_pvalue: float | None = None
-    moments_sigma: float | None = None
+    std_rtol: float = 0.05  # std within 5 %, or within std_sigma standard errors of the ratio
+    std_sigma: float | None = 3.0  # null: the literal 5 %
+    corr_rms: float = 0.05  # rms correlation error <= sqrt(corr_rms^2 + noise quantile^2)
+    corr_sigma: float | None = 3.0  # null: corr_rms alone
+    multiple_testing: str = "sidak"  # sidak | bonferroni | none: per-bin thresholds for many bins
+    family: str = "report"  # report: all bins of all statistics are one family | statistic: each on its own
+    chi2_pvalue: float | None = None  # e.g. 1e-3 to also fail on the Hotelling/Hartlap chi2 p-value
+    moments_sigma: float | None = None  # e.g. 3.0 to also fail on skewness/kurtosis t-statistics
+    # label permutations calibrating the mean/spread thresholds and the omnibus test (exact false-alarm rate for
+    # any sizes); null = the analytic multiple_testing thresholds
     permutations: int | None = 1000
+    # energy-distance test of the joint summary vector fails at p < 2 Phi(-3); null = report only
     omnibus_sigma: float | None = 3.0
-    omnibus_max_maps: int = 2000
+    omnibus_max_maps: int = 2000  # maps per set entering the omnibus test
 
     def __post_init__(self) -> None:
         if self.permutations is not None:
@@ -132,10 +135,10 @@ class MemorizationTolerances:
         median_ratio: ...which fails only together with a median distance ratio below this (effect size).
     """
 
-    near_factor: float = 0.5
+    near_factor: float = 0.5  # near copy: distance < near_factor x median held-out distance
     max_near_fraction: float = 0.01
-    pvalue: float = 1e-3
-    median_ratio: float = 0.8
+    pvalue: float = 1e-3  # one-sided Mann-Whitney (candidates closer) ...
+    median_ratio: float = 0.8  # ... together with a median distance ratio below this
 
     def __post_init__(self) -> None:
         for name in ("near_factor", "max_near_fraction", "pvalue", "median_ratio"):

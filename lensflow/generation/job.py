@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 from lensflow import __version__
 from lensflow._util.atomic import write_json
 from lensflow._util.checks import check_bool, check_choice, check_int
+from lensflow._util.plain import merge as merge_config
 from lensflow._util.plain import to_plain
 from lensflow.generation.sampler import GenerationError, ShapeNoise, check_temperature
 from lensflow.generation.streams import STREAMS
@@ -30,6 +31,7 @@ from lensflow.mapstore import MapStoreWriter, StoreMeta, open_store
 from lensflow.provenance import provenance
 
 __all__ = [
+    "DEFAULTS",
     "FITS_LAYOUTS",
     "FORMATS",
     "GenerationRequest",
@@ -51,55 +53,87 @@ FORMATS = ("hdf5", "fits")
 FITS_LAYOUTS = ("files", "cube")
 COMPRESSIONS = (None, "gzip", "lzf")
 
+#: Every key of a generate config and its default (the ``lensflow/generate`` node of ``conf/generate.yaml``).
+DEFAULTS: dict[str, Any] = {
+    "ckpt": "???",  # checkpoint of a lensflow Glow model (train's best.ckpt / last.ckpt) or an exported model
+    "n_maps": 1000,  # maps per condition (> 0)
+    "batch_size": 256,  # maps per forward pass; changes maps only at float32 round-off
+    "temperature": 1.0,  # latent temperature (> 0); 1.0 samples the trained distribution
+    "seed": 0,  # map i depends only on (seed, i)
+    "ema": True,  # sample with the EMA weights (true) or the raw weights (false)
+    # Conditions for a conditional model, in physical units: cond.Omega_m=0.3 cond.sigma_8=0.8. A list per name
+    # gives a grid (Cartesian product; n_maps per condition; params stored per map): cond.Omega_m=[0.25,0.3,0.35].
+    "cond": {},
+    # hdf5: the store; fits with fits_layout=files: a folder of map-NNNNNNNNN.fits; cube: one .fits file
+    "out": "mocks.h5",
+    "format": "hdf5",  # hdf5 | fits
+    "fits_layout": "files",  # files (one FITS file per map) | cube (one [N, C, H, W] cube)
+    "overwrite": False,  # replace an existing output (and discard an unfinished run of another request)
+    "compression": None,  # HDF5 compression of the output: null | gzip | lzf
+    "devices": "auto",  # auto (all visible GPUs, or 1 CPU process) | N worker processes
+    "accelerator": "auto",  # auto | cpu | cuda
+    # Optional shape noise added to every map (off by default: validation adds its own noise). Pixel noise
+    # sigma = sigma_e / sqrt(n_gal * pixel_area), one independent stream per map.
+    "noise": {
+        "sigma_e": None,  # e.g. 0.26 (per-component ellipticity dispersion); null = no noise
+        "n_gal": 30.0,  # galaxies per arcmin²
+        "seed": None,  # null = the generation seed (its noise streams are independent of the latents)
+    },
+    "max_attempts": 10,  # draws per map before a map that stays non-finite is an error
+    "allow_extrapolation": False,  # conditional models: allow cond outside the training box (recorded in the output)
+    "progress": True,  # tqdm progress bar (maps/s)
+}
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """What ``python -m lensflow.generate`` is asked to do (the fields of ``conf/generate.yaml``).
 
-    Build it with :meth:`from_config` from the composed config (or any mapping of these fields): every
-    value is checked there, with one line naming the key, before any file is touched.
+    Build it with :meth:`from_config` from the composed config or any mapping of these keys (the keys left out
+    take :data:`DEFAULTS`): every value is checked there, with one line naming the key, before any file is touched.
     """
 
     ckpt: Path
     out: Path
-    n_maps: int = 1000
-    batch_size: int = 256
-    temperature: float = 1.0
-    seed: int = 0
-    ema: bool = True
-    cond: Mapping[str, Any] = field(default_factory=dict)
-    format: str = "hdf5"
-    fits_layout: str = "files"
-    overwrite: bool = False
-    compression: str | None = None
-    devices: int | str = "auto"
-    accelerator: str = "auto"
-    noise: ShapeNoise | None = None
-    max_attempts: int = 10
-    progress: bool = True
-    allow_extrapolation: bool = False
+    n_maps: int
+    batch_size: int
+    temperature: float
+    seed: int
+    ema: bool
+    cond: Mapping[str, Any]
+    format: str
+    fits_layout: str
+    overwrite: bool
+    compression: str | None
+    devices: int | str
+    accelerator: str
+    noise: ShapeNoise | None
+    max_attempts: int
+    progress: bool
+    allow_extrapolation: bool
 
     @classmethod
     def from_config(cls, cfg: Any) -> GenerationRequest:
         """The request of a composed ``generate`` config (a ``DictConfig`` or a mapping; keys left out take
-        the field defaults above)."""
-        c = dict(to_plain(cfg) or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(c) - set(names))
+        :data:`DEFAULTS`)."""
+        given = dict(to_plain(cfg) or {})
+        unknown = sorted(set(given) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"generate: unknown keys {unknown}")
-        if c.get("ckpt") in (None, "", "???"):
+        noise = given.pop("noise", None)
+        if noise is None or isinstance(noise, Mapping):
+            noise = merge_config(DEFAULTS["noise"], noise or {})
+        c = merge_config(DEFAULTS, given)
+        if c["ckpt"] in (None, "", "???"):
             raise ValueError("ckpt: no checkpoint given; pass ckpt=PATH")
-        if not c.get("out"):
+        if not c["out"]:
             raise ValueError("out: no output path given")
-        kw = {k: c[k] for k in names if k in c}
-        kw["ckpt"] = Path(str(c["ckpt"])).expanduser().absolute()
-        kw["out"] = Path(str(c["out"])).expanduser().absolute()
-        kw["cond"] = dict(kw.get("cond") or {})
-        seed = check_int("seed", kw.setdefault("seed", cls.__dataclass_fields__["seed"].default), 0)
-        if not isinstance(kw.get("noise"), ShapeNoise):
-            kw["noise"] = ShapeNoise.from_config(kw.get("noise"), seed)
-        return cls(**kw)
+        c["ckpt"] = Path(str(c["ckpt"])).expanduser().absolute()
+        c["out"] = Path(str(c["out"])).expanduser().absolute()
+        c["cond"] = dict(c["cond"] or {})
+        seed = check_int("seed", c["seed"], 0)
+        c["noise"] = noise if isinstance(noise, ShapeNoise) else ShapeNoise.from_config(noise, seed)
+        return cls(**c)
 
     def __post_init__(self) -> None:
         check_int("n_maps", self.n_maps, 1)

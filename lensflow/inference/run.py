@@ -24,7 +24,7 @@ from lensflow._util.atomic import write_json, write_text
 from lensflow._util.checks import check_bool, check_choice, check_int, check_optional_int
 from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
-from lensflow._util.plain import to_plain
+from lensflow._util.plain import merge, to_plain
 from lensflow.emulator import Emulator
 from lensflow.inference.likelihoods import ClLikelihood, emulator_loglike, exact_loglike
 from lensflow.inference.posterior import GridPosterior, ParameterGrid, refine_loglike
@@ -35,10 +35,38 @@ from lensflow.report.posterior import corner_figure, posterior_page
 from lensflow.sims.truth import StoreTruth
 from lensflow.stats import SummaryConfig
 
-__all__ = ["InferRequest", "infer"]
+__all__ = ["DEFAULTS", "InferRequest", "infer"]
 
 log = get_logger(__name__)
 _SPLITS = ("train", "val", "test", "all")
+
+#: Every key of an infer config and its default (the ``lensflow/infer`` node of ``conf/infer.yaml``);
+#: ``ckpt``, ``maps`` and ``out`` are required.
+DEFAULTS: dict[str, Any] = {
+    "ckpt": "???",  # checkpoint of a conditional emulator (lensflow.train with data.cond)
+    "maps": "???",  # map store of the maps to analyse
+    "out": "???",  # output folder
+    "split": "all",  # train | val | test | all
+    "max_maps": 100,  # the first maps of the split; null = all
+    "joint": False,  # also one joint posterior of all the maps
+    # The uniform prior's box per parameter, e.g. prior.sigma_8=[0.75,0.85]; empty = the emulator's training box
+    # (read from its training store); a box outside the training box is refused.
+    "prior": {},
+    "grid_points": 25,  # grid nodes per parameter (the exact likelihood costs ~1-5 s per node for 64² maps)
+    "refine": 8,  # summarise on a grid with 8x the cells: log-likelihoods cubic-spline interpolated (1: off)
+    "exact": "auto",  # the exact posterior: auto (when the maps' store is a built-in flat simulation) | true | false
+    "cl": "auto",  # the binned-C_ell Gaussian posterior (needs the exact simulator for its mean): auto | true | false
+    "cl_fiducial_maps": 2000,  # simulations at the box centre for the C_ell covariance
+    "batch_size": 256,  # maps per emulator forward pass
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "seed": 0,
+    "overwrite": False,
+    "progress": True,
+    "figures": {
+        "corner_maps": 4,  # corner plots of the first maps (and of the joint posterior)
+        "dpi": 110,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +96,15 @@ class InferRequest:
 
     @classmethod
     def from_config(cls, cfg: Any) -> InferRequest:
-        c = to_plain(cfg)
+        """The request of a composed ``infer`` config or a mapping of its keys (those left out take
+        :data:`DEFAULTS`); one line naming the key on bad input."""
+        given = to_plain(cfg)
+        if not isinstance(given, dict):
+            raise ValueError(f"infer config: expected a mapping, got {type(cfg).__name__}")
+        unknown = sorted(set(given) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"infer: unknown keys {unknown}")
+        c = merge(DEFAULTS, given)
         for key in ("ckpt", "maps", "out"):
             if c.get(key) in (None, "", "???"):
                 raise ValueError(f"{key}: required (e.g. {key}=PATH)")
@@ -78,7 +114,7 @@ class InferRequest:
                 raise ValueError(f"prior.{name}: expected [lo, hi], got {box!r}")
             prior[str(name)] = (float(box[0]), float(box[1]))
         # checked here, not after the likelihoods: a cubic spline needs 4 nodes per axis
-        if check_int("refine", c.get("refine", 1), 1) > 1 and check_int("grid_points", c["grid_points"], 3) < 4:
+        if check_int("refine", c["refine"], 1) > 1 and check_int("grid_points", c["grid_points"], 3) < 4:
             raise ValueError("refine: refine > 1 needs grid_points >= 4 (a cubic spline); pass refine=1 or more points")
         return cls(
             ckpt=Path(str(c["ckpt"])),
@@ -88,7 +124,7 @@ class InferRequest:
             joint=check_bool("joint", c["joint"]),
             prior=prior,
             grid_points=check_int("grid_points", c["grid_points"], 3),
-            refine=check_int("refine", c.get("refine", 1), 1),
+            refine=check_int("refine", c["refine"], 1),
             exact=check_choice("exact", str(c["exact"]).lower(), ("auto", "true", "false")),
             cl=check_choice("cl", str(c["cl"]).lower(), ("auto", "true", "false")),
             cl_fiducial_maps=check_int("cl_fiducial_maps", c["cl_fiducial_maps"], 10),

@@ -1,7 +1,7 @@
 """What ``python -m lensflow.ingest`` is asked to do: the config typed once, at entry.
 
-:data:`DEFAULTS` are the library's values of the keys a Python caller leaves out; ``conf/ingest.yaml`` gives the
-command line the same ones (a test keeps them equal), and nothing reads that YAML at run time.
+:data:`DEFAULTS` holds every key's default, for a Python caller's partial config and for the command line alike
+(``conf/ingest.yaml`` takes it as the ``lensflow/ingest`` node, :mod:`lensflow.confstore`).
 """
 
 from __future__ import annotations
@@ -21,29 +21,33 @@ __all__ = ["DEFAULTS", "FORMATS", "IngestRequest"]
 
 FORMATS: tuple[str, ...] = ("auto", "fits", "healpix", "npy")
 
-#: Every key of an ingest config and its default (``conf/ingest.yaml``'s values, in its order); ``input`` is
+#: Every key of an ingest config and its default (the ``lensflow/ingest`` node of ``conf/ingest.yaml``); ``input`` is
 #: required.
 DEFAULTS: dict[str, Any] = {
-    "split": {"fractions": list(DEFAULT_FRACTIONS), "seed": 0},
-    "input": "???",
-    "format": "auto",
+    "split": {"fractions": list(DEFAULT_FRACTIONS), "seed": 0},  # train/val/test by realization (conf/split_fractions)
+    "input": "???",  # a folder, a glob pattern, a file, or a list of them
+    "format": "auto",  # auto | fits (flat FITS maps) | healpix (HEALPix FITS/.npy maps) | npy (flat .npy/.npz maps)
     "out": "data/ingested.h5",
     "overwrite": False,
+    # flat maps: for files whose header has no ANGLE/CDELT (must agree with headers that do); .npy maps: required;
+    # HEALPix: the patch pixel side (required)
     "pixel_arcmin": None,
-    "z_source": None,
-    "params": None,
-    "kind": "simulation",
-    "periodic": False,
+    "z_source": None,  # source redshift per channel; null = from headers (Z_SOURCE / ZSRCn), else unknown (NaN)
+    "params": None,  # parameters shared by every map, e.g. {Omega_m: 0.3, sigma_8: 0.8}; override header values
+    "kind": "simulation",  # simulation | mock
+    "periodic": False,  # the maps are periodic tiles
     "healpix": {
-        "npix": 128,
-        "field": 0,
-        "nest": False,
-        "interpolation": "bilinear",
-        "max_patches": None,
-        "lon_offset_deg": 0.0,
+        "npix": 128,  # patch side in pixels
+        "field": 0,  # table column(s) of HEALPix FITS files; a list gives channels
+        "nest": False,  # .npy HEALPix arrays in NESTED order (FITS files say so in their header)
+        "interpolation": "bilinear",  # bilinear | nearest
+        "max_patches": None,  # patches per input map (layout order: north to south); null = all that fit
+        "lon_offset_deg": 0.0,  # rotate the patch layout in longitude
     },
-    "npy": {"key": None},
-    "compression": None,
+    "npy": {
+        "key": None,  # array of an .npz to read; null = 'kappa' or the only array
+    },
+    "compression": None,  # null | gzip | lzf
     "progress": True,
 }
 

@@ -37,12 +37,12 @@ OPTIONAL_KEYS: dict[str, Any] = {"w0": -1.0, "wa": 0.0, "m_nu": 0.0, "transfer_f
 #: Table 2, last column): H0 = 67.66, Omega_m = 0.3111, Omega_b h^2 = 0.02242, sigma_8 = 0.8102,
 #: n_s = 0.9665, one massive neutrino of 0.06 eV.
 PLANCK18: dict[str, float] = {
-    "Omega_m": 0.3111,
+    "Omega_m": 0.3111,  # total matter today, massive neutrinos included
     "Omega_b": 0.04897,  # 0.02242 / h^2
     "h": 0.6766,
     "sigma_8": 0.8102,
     "n_s": 0.9665,
-    "m_nu": 0.06,
+    "m_nu": 0.06,  # eV, sum of neutrino masses (0 is ~5x faster to set up: no massive-neutrino CAMB run)
 }
 
 #: A source: a plane redshift, or an n(z) given as (z, n) arrays.

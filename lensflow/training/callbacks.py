@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +16,40 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 
 from lensflow._util.atomic import write_json
 from lensflow._util.checks import check_bool, check_int, check_optional_int
-from lensflow._util.plain import to_plain
+from lensflow._util.plain import merge, to_plain
 from lensflow.training.kl import KLGap
 from lensflow.training.sample_check import SampleCheck
 from lensflow.training.settings import CheckSettings
 
-__all__ = ["CallbackSettings", "Callbacks", "FinalLast", "ParamDigest", "make_callbacks"]
+__all__ = ["DEFAULTS", "CallbackSettings", "Callbacks", "FinalLast", "ParamDigest", "make_callbacks"]
+
+#: The ``callbacks`` node's keys and defaults (``conf/callbacks/default.yaml`` takes it, :mod:`lensflow.confstore`).
+#: Checkpoints go to ``<run_dir>/checkpoints/``: ``best.ckpt`` (lowest validation bits/dim of the EMA weights) and
+#: ``last.ckpt`` (every ``last_every_n_steps`` optimizer steps, or after every epoch if null, and at the end).
+DEFAULTS: dict[str, Any] = {
+    "checkpoint": {
+        "monitor": "val/bits_per_dim",  # the metric best.ckpt minimises
+        "last_every_n_steps": 500,  # null = only after epochs and at the end
+    },
+    "progress_bar_refresh_rate": 10,  # steps between progress-bar updates
+    # hash every rank's parameters at the end, gather them, write <run_dir>/param_digest.json and fail if the
+    # ranks differ (DDP sync check)
+    "param_digest": False,
+    "extra": {},  # more callbacks as {name: {_target_: ..., ...}} (hydra.utils.instantiate)
+}
 
 
 @dataclass(frozen=True)
 class CallbackSettings:
     """``checkpoint.monitor``, ``checkpoint.last_every_n_steps`` (``None``: after epochs and at the end),
-    ``progress_bar_refresh_rate``, ``param_digest`` and ``extra`` (``{name: {_target_: ...}}``)."""
+    ``progress_bar_refresh_rate``, ``param_digest`` and ``extra`` (``{name: {_target_: ...}}``); build it with
+    :meth:`from_config` (the keys left out take :data:`DEFAULTS`)."""
 
-    monitor: str = "val/bits_per_dim"
-    last_every_n_steps: int | None = 500
-    progress_bar_refresh_rate: int = 10
-    param_digest: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    monitor: str
+    last_every_n_steps: int | None
+    progress_bar_refresh_rate: int
+    param_digest: bool
+    extra: Mapping[str, Any]
 
     def __post_init__(self) -> None:
         check_optional_int("callbacks.checkpoint.last_every_n_steps", self.last_every_n_steps, 1)
@@ -43,13 +59,14 @@ class CallbackSettings:
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> CallbackSettings:
         """From a ``callbacks`` node (``conf/callbacks/default.yaml``)."""
-        d = dict(to_plain(node) or {})
-        ck = dict(d.pop("checkpoint", None) or {})
-        unknown = sorted(set(d) - {"progress_bar_refresh_rate", "param_digest", "extra"})
-        unknown += sorted(f"checkpoint.{k}" for k in set(ck) - {"monitor", "last_every_n_steps"})
+        given = dict(to_plain(node) or {})
+        unknown = sorted(set(given) - set(DEFAULTS))
+        unknown += sorted(f"checkpoint.{k}" for k in set(given.get("checkpoint") or {}) - set(DEFAULTS["checkpoint"]))
         if unknown:
             raise ValueError(f"callbacks: unknown keys {unknown}")
-        return cls(**ck, **{k: v for k, v in d.items() if k != "extra"}, extra=dict(d.get("extra") or {}))
+        d = merge(DEFAULTS, given)
+        ck = d.pop("checkpoint")
+        return cls(**ck, **{k: v for k, v in d.items() if k != "extra"}, extra=dict(d["extra"] or {}))
 
 
 class ParamDigest(Callback):

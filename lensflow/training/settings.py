@@ -1,8 +1,8 @@
 """Typed settings of a training run: the model (:class:`lensflow.model.ModelSettings`), the optimiser and the
 sample check (library defaults).
 
-Each dataclass holds the library's one default per knob; ``conf/model``, ``conf/optim`` and the ``check``
-node of ``conf/train.yaml`` are the command's values for the same fields (a test keeps them equal).
+Each dataclass holds the one default per knob; ``conf/model/glow.yaml``, ``conf/optim/adamw.yaml`` and ``check`` of
+``conf/train.yaml`` take them as nodes (:mod:`lensflow.confstore`), and each field's comment is its documentation.
 :meth:`from_config` takes a partial mapping (Python callers) or a composed config node, refuses unknown
 keys and checks every value with one line naming ``NODE.KEY``; :meth:`to_dict` gives the plain dict a
 checkpoint stores.
@@ -34,11 +34,13 @@ class OptimSettings(Settings):
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.02
-    grad_clip: float | None = 50.0
+    warmup_steps: int = 500  # linear ramp from 0 to lr
+    min_lr_ratio: float = 0.02  # cosine floor as a fraction of lr; total length = trainer.max_steps
+    grad_clip: float | None = 50.0  # max global gradient norm; null = no clipping
+    # EMA of the weights (used for validation, sampling, generation); warmed up as min(ema_decay, (1 + t) / (10 +
+    # t)) at step t
     ema_decay: float = 0.999
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = 20  # skipped steps (non-finite loss or gradient) in a row before the run stops
 
     def __post_init__(self) -> None:
         num = check_number
@@ -74,14 +76,17 @@ class CheckSettings(Settings):
 
     node = "check"
 
-    every: int = 1
-    n_samples: int = 256
+    every: int = 1  # epochs between checks; 0 disables the in-training check
+    n_samples: int = 256  # maps drawn per check (at most as many validation maps are compared)
     temperature: float = 1.0
-    smoothing_arcmin: float | None = None
-    n_bins: int = 16
-    batch_size: int = 64
+    smoothing_arcmin: float | None = None  # Gaussian smoothing before peaks/PDF; null = 2 pixels
+    n_bins: int = 16  # peak and PDF bins over validate's nu ranges (-2..6, -4..6; nu in validation-map sigmas)
+    batch_size: int = 64  # maps per sampling pass
+    # sample the best checkpoint after training (samples.h5, summary.json, plots); also runs validate's full
+    # default comparison and verdict on those samples
     final: bool = True
-    kl_maps: int = 1000
+    kl_maps: int = 1000  # validation maps scored for the KL gap vs the exact likelihood (stores of built-in flat sims)
+    # training maps scored the same way (memorization: the train gap falls below the held-out one)
     kl_train_maps: int = 500
 
     def __post_init__(self) -> None:

@@ -5,8 +5,8 @@ This is the only module that reads that tree. :meth:`ValidationRequest.from_conf
 nothing below it looks a key up or falls back to a default of its own.
 
 One default per knob, in Python: a mapping that leaves keys out (a notebook, a Python caller) gets them from
-:data:`DEFAULTS`, whose tolerances are the :mod:`lensflow.compare` dataclasses' own defaults. ``conf/validate.yaml``
-gives the command line the same values (a test keeps them equal); nothing reads it at run time. The in-training
+:data:`DEFAULTS`, whose tolerances are the :mod:`lensflow.compare` dataclasses' own defaults, and the command line
+composes the same table (``conf/validate.yaml`` takes it as a node, :mod:`lensflow.confstore`). The in-training
 check measures with :meth:`MeasureOptions.for_check`.
 """
 
@@ -51,51 +51,76 @@ _MISSING = "???"  # Hydra's mandatory value
 _TOLERANCES = to_plain(dataclasses.asdict(Tolerances()))
 _MEMORIZATION_TOLERANCES = to_plain(dataclasses.asdict(MemorizationTolerances()))
 
-#: Every key of a validate config and its default, in ``conf/validate.yaml``'s order (a test keeps the two equal).
+#: Every key of a validate config and its default (the ``lensflow/validate`` node of ``conf/validate.yaml``).
 #: ``reference``, ``candidate`` and ``out`` are required.
 DEFAULTS: dict[str, Any] = {
-    "reference": _MISSING,
-    "reference_split": "test",
-    "candidate": _MISSING,
-    "candidate_split": "all",
-    "out": _MISSING,
-    "overwrite": False,
+    "reference": _MISSING,  # map store of the reference maps (simulations)
+    "reference_split": "test",  # train | val | test | all: use maps the emulator never saw
+    "candidate": _MISSING,  # map store of the candidate maps (e.g. lensflow.generate's mocks)
+    "candidate_split": "all",  # train | val | test | all
+    "out": _MISSING,  # output folder (created)
+    "overwrite": False,  # replace the outputs of an earlier run in `out`
+    # Per-map parameters to select, applied to both stores (maps whose params equal these values, relative
+    # tolerance 1e-6), e.g. select.Omega_m=0.3 select.sigma_8=0.8. Empty: all maps.
     "select": {},
-    "max_maps": 1000,
-    "batch_size": 128,
-    "seed": 0,
-    "device": "auto",
-    "progress": True,
-    "statistics": ["cl", "peaks", "minima", "pdf", "minkowski", "moments"],
-    "smoothing_arcmin": [2.0, 4.0],
-    "noise": {"model": "none", "sigma_e": 0.26, "n_gal": 30.0},
+    "max_maps": 1000,  # maps per set (a seeded random subset); null = all
+    "batch_size": 128,  # maps per statistics batch
+    "seed": 0,  # seeds the subsets and the (independent) shape-noise streams of both sets
+    "device": "auto",  # auto (cuda if available) | cpu | cuda | cuda:N
+    "progress": True,  # tqdm progress bars on stderr
+    "statistics": ["cl", "peaks", "minima", "pdf", "minkowski", "moments"],  # any of these (minkowski gives v0, v1, v2)
+    "smoothing_arcmin": [2.0, 4.0],  # Gaussian sigma (not FWHM) of each smoothing scale, arcmin; 0 = none
+    "noise": {
+        "model": "none",  # none | survey (independent white shape noise per map, before smoothing)
+        "sigma_e": 0.26,  # ellipticity dispersion per component (survey)
+        "n_gal": 30.0,  # galaxies per arcmin^2 (survey)
+    },
     "bins": {
-        "units": "nu",
+        "units": "nu",  # nu (edges in units of a sigma per scale) | kappa (absolute edges)
+        # sigma behind nu: noise = smoothed shape-noise sigma (needs noise.model=survey); reference = pixel
+        # std of the reference maps after noise and smoothing; auto = noise if there is noise, else reference.
         "nu_sigma": "auto",
-        "reference_sigma_maps": 256,
-        "ell_nbins": 20,
-        "ell_edges": None,
-        "cross": True,
-        "border_arcmin": "auto",
-        "peak_edges": None,
-        "minima_edges": None,
-        "pdf_edges": None,
-        "minkowski_thresholds": None,
+        "reference_sigma_maps": 256,  # reference maps used to measure that sigma
+        "ell_nbins": 20,  # log-spaced C_ell bins from 2 ell_min to ell_Nyquist
+        "ell_edges": None,  # explicit C_ell bin edges instead
+        "cross": True,  # cross spectra between channels (tomography)
+        "border_arcmin": "auto",  # edge band left out of per-pixel statistics; auto = 2 x widest scale (0 if periodic)
+        "peak_edges": None,  # null = lensflow.stats defaults (nu: -2..6 in 16 bins)
+        "minima_edges": None,  # (nu: -6..2 in 16 bins)
+        "pdf_edges": None,  # (nu: -4..6 in 20 bins)
+        "minkowski_thresholds": None,  # (nu: -2..4 in 20 bins)
     },
-    "tolerances": _TOLERANCES,
+    "tolerances": _TOLERANCES,  # the verdict's thresholds: the fields of lensflow.compare.Tolerances
+    # Field-level check: with the emulator's checkpoint and a reference store written by a built-in flat
+    # simulator, the emulator's KL gap on the reference maps (exact log p minus emulator log p, bits per pixel,
+    # with its SE).
     "emulator": None,
-    "field": {"max_maps": 1000, "kl_tolerance": None, "teacher": None},
-    "memorization": {
-        "enabled": "auto",
-        "training": None,
-        "training_split": "train",
-        "max_maps": 500,
-        "batch_size": 256,
-        "dihedral": False,
-        **_MEMORIZATION_TOLERANCES,
+    "field": {
+        "max_maps": 1000,  # reference maps scored
+        "kl_tolerance": None,  # bits/pixel; set (e.g. 0.001) to fail above it
+        # the trained emulator the reference maps were drawn from (generate's mocks of a teacher): its log p
+        # is their exact likelihood, for maps no built-in simulator made (N-body)
+        "teacher": None,
     },
-    "figures": {"enabled": True, "sample_maps": 4, "dpi": 110},
-    "notebook": {"execute": False, "path": None, "timeout": 600},
+    "memorization": {
+        "enabled": "auto",  # auto (run when training maps are known) | true | false
+        "training": None,  # training store; null = the reference store
+        "training_split": "train",
+        "max_maps": 500,  # candidate and held-out maps checked (training maps: all of them)
+        "batch_size": 256,  # training maps per streamed batch / cdist chunk
+        "dihedral": False,  # also match rotated/flipped copies (8x the cost)
+        **_MEMORIZATION_TOLERANCES,  # the fields of lensflow.compare.MemorizationTolerances
+    },
+    "figures": {
+        "enabled": True,  # false: no PNGs (summary.json, stats.h5 and report.html still written)
+        "sample_maps": 4,  # maps of each set in sample_maps.png (channel 0, one colour scale)
+        "dpi": 110,
+    },
+    "notebook": {
+        "execute": False,  # run the report notebook with papermill, export it to HTML
+        "path": None,  # null = the report notebook shipped with lensflow (lensflow/report/validation_report.ipynb)
+        "timeout": 600,  # seconds per cell
+    },
 }
 
 
