@@ -23,8 +23,7 @@ import numpy as np
 from lensflow import __version__
 from lensflow._util.atomic import write_json
 from lensflow._util.checks import check_bool, check_choice, check_int
-from lensflow._util.plain import merge as merge_config
-from lensflow._util.plain import to_plain
+from lensflow._util.plain import merge, to_plain
 from lensflow.generation.sampler import GenerationError, ShapeNoise, check_temperature
 from lensflow.generation.streams import STREAMS
 from lensflow.mapstore import MapStoreWriter, StoreMeta, open_store
@@ -38,7 +37,7 @@ __all__ = [
     "Plan",
     "already_complete",
     "final_meta",
-    "merge",
+    "merge_parts",
     "prepare_parts",
     "remove_work_folder",
     "scan_parts",
@@ -122,8 +121,8 @@ class GenerationRequest:
             raise ValueError(f"generate: unknown keys {unknown}")
         noise = given.pop("noise", None)
         if noise is None or isinstance(noise, Mapping):
-            noise = merge_config(DEFAULTS["noise"], noise or {})
-        c = merge_config(DEFAULTS, given)
+            noise = merge(DEFAULTS["noise"], noise or {})
+        c = merge(DEFAULTS, given)
         if c["ckpt"] in (None, "", "???"):
             raise ValueError("ckpt: no checkpoint given; pass ckpt=PATH")
         if not c["out"]:
@@ -371,7 +370,7 @@ def final_meta(plan: Plan, request: GenerationRequest, training: Mapping[str, An
     return dataclasses.replace(part_meta(meta, plan, extra), created_by=provenance(request.to_dict()))
 
 
-def merge(plan: Plan, request: GenerationRequest, meta: StoreMeta, npix: int) -> None:
+def merge_parts(plan: Plan, request: GenerationRequest, meta: StoreMeta, npix: int) -> None:
     """Merge the parts into ``out`` (HDF5 store, or FITS with a JSON sidecar), atomically."""
     if request.format == "hdf5":
         # One part open at a time (concat_stores keeps every input open: the open-file limit for thousands

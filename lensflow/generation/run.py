@@ -74,7 +74,7 @@ def _generate(request: GenerationRequest, plan: Plan, module: KappaFlow, ckpt: A
     redrawn = job_mod.scan_parts(plan)
     training = {"meta": module.meta, "npix": module.npix, "store": module.store}
     meta = job_mod.final_meta(plan, request, training, redrawn)
-    job_mod.merge(plan, request, meta, module.npix)
+    job_mod.merge_parts(plan, request, meta, module.npix)
     job_mod.remove_work_folder(plan)
     rate = written / elapsed if elapsed > 0 and written else float("nan")
     log.info(
