@@ -100,6 +100,8 @@ class ModelSettings(Settings):
     learn_top_prior: bool = True
     # ml: maximum-likelihood shift of a shifted-lognormal PDF | margin: 1 sigma below the minimum
     shift_method: str = "ml"
+    # the ml shift times this (>= 1): a less lognormal Gaussian part, which modulates small scales less (N-body maps)
+    shift_scale: float = 1.0
     stationary: bool = True  # learned isotropic Gaussian layer in Fourier space before the Glow (TRENF-style)
     stationary_knots: int = 24  # radial knots of its filter
     # side of the block of lowest modes it whitens with one dense matrix (crop boundaries)
@@ -114,6 +116,8 @@ class ModelSettings(Settings):
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, ("glow",))
         check_choice("model.shift_method", self.shift_method, ("ml", "margin"))
+        scale = check_number("model.shift_scale", self.shift_scale, minimum=1)
+        object.__setattr__(self, "shift_scale", scale)
         check_choice("model.coupling", self.coupling, ("affine", "spline"))
         check_int("model.spline_bins", self.spline_bins, 2, MAX_BINS)
         check_bool("model.stationary", self.stationary)
@@ -158,6 +162,7 @@ class ModelSettings(Settings):
             "learn_top_prior": self.learn_top_prior,
             "log_shift": self.log_shift,
             "shift_method": self.shift_method,
+            "shift_scale": self.shift_scale,
             "stationary": self.stationary,
             "stationary_knots": self.stationary_knots,
             "stationary_low_modes": self.stationary_low_modes,

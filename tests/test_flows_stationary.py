@@ -113,6 +113,31 @@ def test_ml_shift_recovers_the_lognormal_shift():
 def test_unknown_shift_method_is_one_line():
     with pytest.raises(ValueError, match="shift_method must be one of"):
         Preprocess(1, log_shift=True, shift_method="guess")
+    with pytest.raises(ValueError, match="shift_scale must be a number >= 1"):
+        Preprocess(1, log_shift=True, shift_method="ml", shift_scale=0.5)
+
+
+def test_shift_scale_multiplies_the_ml_shift_and_keeps_an_exact_density():
+    """``shift_scale`` = 2 doubles the maximum-likelihood λ; the preprocessing stays a bijection whose log-det is the
+    analytic one, and a Glow saved before the key existed rebuilds with 1."""
+    rng = np.random.default_rng(1)
+    lam, s2 = 0.03, 0.25
+    kappa = (lam * np.expm1(rng.normal(0.0, math.sqrt(s2), 400_000) - s2 / 2)).reshape(-1, 1, 20, 20)
+    one = Preprocess(1, log_shift=True, shift_method="ml")
+    two = Preprocess(1, log_shift=True, shift_method="ml", shift_scale=2.0)
+    one.fit(kappa)
+    two.fit(kappa)
+    assert float(two.shift[0]) == pytest.approx(2 * float(one.shift[0]), rel=1e-12)
+    x = torch.as_tensor(kappa[:8])
+    y, logdet = two(x)
+    shifted = x.double() + 2 * float(one.shift[0])
+    want = -(torch.log(shifted).sum(dim=(1, 2, 3)) + x[0].numel() * torch.log(two.std[0]))
+    torch.testing.assert_close(logdet.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(two.inverse(y).double(), x.double(), rtol=1e-5, atol=1e-7)
+    glow = Glow(1, 16, 2, 1, 8, preprocess=Preprocess(1, log_shift=True, shift_method="ml", shift_scale=1.5))
+    assert Glow.from_config(glow.config).preprocess.shift_scale == 1.5
+    old = {k: v for k, v in glow.config.items() if k != "shift_scale"}
+    assert Glow.from_config(old).preprocess.shift_scale == 1.0
 
 
 @pytest.mark.parametrize(("channels", "periodic", "cond_dim"), [(1, False, 0), (2, False, 2)])

@@ -237,13 +237,15 @@ class Glow(nn.Module):
             "margin": self.preprocess.margin,
             "shift_method": self.preprocess.shift_method,
             "shift_degree": self.preprocess.cond_degree,
+            "shift_scale": self.preprocess.shift_scale,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, init_seed: int | None = None) -> Glow:
         """Inverse of :attr:`config` (then ``load_state_dict`` for weights and statistics); ``init_seed`` as
-        in the constructor. ``log_shift``, ``margin``, ``shift_method`` and ``shift_degree`` (the degree of a
-        conditional model's θ-dependent preprocessing; ``None``: one for all θ) configure the :class:`Preprocess`.
+        in the constructor. ``log_shift``, ``margin``, ``shift_method``, ``shift_scale`` and ``shift_degree`` (the
+        degree of a conditional model's θ-dependent preprocessing; ``None``: one for all θ) configure the
+        :class:`Preprocess`; a config saved before ``shift_scale`` existed has 1.
         A config saved before ``coupling`` existed lacks it and the spline keys: an affine model, as it was."""
         cfg = dict(config)
         pre = Preprocess(
@@ -253,6 +255,7 @@ class Glow(nn.Module):
             shift_method=cfg.pop("shift_method", "margin"),
             cond_dim=cfg.get("cond_dim", 0),
             cond_degree=cfg.pop("shift_degree", None),
+            shift_scale=cfg.pop("shift_scale", 1.0),
         )
         return cls(preprocess=pre, init_seed=init_seed, **cfg)
 

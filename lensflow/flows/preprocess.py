@@ -80,6 +80,9 @@ class Preprocess(nn.Module):
         log_shift: use the shifted log (for lognormal-like κ).
         shift: fixed shift(s), κ units; ``None`` lets :meth:`fit` choose one (see ``shift_method``).
         margin: safety margin of the ``"margin"`` shift, in units of the per-channel std of κ (default 1).
+        shift_scale: the ``"ml"`` shift times this (>= 1). A larger shift makes the log closer to linear: the Gaussian
+            part then carries less of the one-point skewness and modulates small scales less by the local κ (N-body
+            maps, whose skewness sits in halos: docs/nbody.md), leaving more to the flow.
         shift_method: how :meth:`fit` chooses the shift: ``"ml"``, the maximum-likelihood shift of a shifted
             lognormal one-point PDF (see :func:`ml_shift`; for shifted-lognormal κ it recovers the true λ), or
             ``"margin"``, ``-min(κ) + margin * std(κ)`` (the choice of lensflow <= 0.1; it puts the support's edge
@@ -98,6 +101,7 @@ class Preprocess(nn.Module):
         shift_method: str = "margin",
         cond_dim: int = 0,
         cond_degree: int | None = None,
+        shift_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_positive_int("channels", channels)
@@ -108,6 +112,9 @@ class Preprocess(nn.Module):
             raise ValueError(f"margin must be > 0, got {margin!r}")
         if shift_method not in SHIFT_METHODS:
             raise ValueError(f"shift_method must be one of {SHIFT_METHODS}, got {shift_method!r}")
+        if not (isinstance(shift_scale, (int, float)) and math.isfinite(shift_scale) and shift_scale >= 1):
+            raise ValueError(f"shift_scale must be a number >= 1 (the support holds every pixel), got {shift_scale!r}")
+        self.shift_scale = float(shift_scale)
         self.channels = channels
         self.log_shift = bool(log_shift)
         self.margin = float(margin)
@@ -202,7 +209,7 @@ class Preprocess(nn.Module):
                 lo = self._chunked_min(maps, chunk)
                 if self.shift_method == "ml":
                     arr = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
-                    fitted = [ml_shift(arr[:, c]) for c in range(self.channels)]
+                    fitted = [self.shift_scale * ml_shift(arr[:, c]) for c in range(self.channels)]
                     shift = torch.tensor(fitted, dtype=torch.float64, device=self.mean.device)
                 else:
                     shift = (-lo).clamp_min(0) + self.margin * sd
