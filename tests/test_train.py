@@ -438,3 +438,10 @@ def test_the_final_verdict_clusters_maps_that_share_a_box():
     assert independent["pass"] is False
     assert clustered["pass"] is True, clustered["failures"]
     assert independent["warnings"] == [] and "from 8 realizations" in clustered["warnings"][0]
+    # the logged z of the sample check is the clustered one too, smaller with the between-box scatter
+    from lensflow.training.sample_check import compare_maps, metrics_of
+    from lensflow.validation import MeasureOptions
+
+    options = MeasureOptions.from_config({"statistics": ["cl"], "smoothing_arcmin": [2.0]})
+    result, _ = compare_maps(ref.astype(np.float32), cand.astype(np.float32), options, meta, 0, (boxes, None))
+    assert metrics_of(result, grouped=True)["cl_z_max"] < 0.6 * metrics_of(result)["cl_z_max"]

@@ -113,7 +113,7 @@ def sample_check(
     else:
         groups = (ref_groups, None)
         result, bins = compare_maps(ref, s, MeasureOptions.for_check(chk, meta, STATISTICS), meta, seed, groups)
-        metrics.update(metrics_of(result))
+        metrics.update(metrics_of(result, grouped=ref_groups is not None and is_grouped(ref_groups)))
         ref_std = float(ref.std(dtype=np.float64))
         metrics["std_ratio"] = float(s.std(dtype=np.float64)) / ref_std if ref_std > 0 else math.nan
     if out_dir is not None:
@@ -197,8 +197,9 @@ def measured_bins(stat: Mapping[str, Any]) -> np.ndarray:
     return np.abs(mr) > 3 * sr / math.sqrt(stat["n_reference"])
 
 
-def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
-    """The check's metrics from a :func:`lensflow.compare.compare` result (see the module docstring)."""
+def metrics_of(result: Mapping[str, Any], grouped: bool = False) -> dict[str, float]:
+    """The check's metrics from a :func:`lensflow.compare.compare` result (see the module docstring); with
+    ``grouped`` reference maps (maps that share a box) the z of each bin is the clustered one the verdict uses."""
     out: dict[str, float] = {}
     for name, stat in result["statistics"].items():
         frac = np.abs(np.asarray(stat["frac_error_mean"], float))
@@ -207,7 +208,7 @@ def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
         out[f"{key}_frac_max"] = float(frac[use].max()) if use.any() else math.nan
         out[f"{key}_frac_mean"] = float(frac[use].mean()) if use.any() else math.nan
         se, mr = np.asarray(stat["se_mean"], float), np.abs(np.asarray(stat["mean_reference"], float))
-        z = np.abs(np.asarray(stat["z_mean"], float))
+        z = np.abs(np.asarray(stat["z_mean_pooled" if grouped and "z_mean_pooled" in stat else "z_mean"], float))
         live = (se > 0) & np.isfinite(z)
         out[f"{key}_z_max"] = float(z[live].max()) if live.any() else math.nan
         with np.errstate(divide="ignore", invalid="ignore"):
