@@ -4,6 +4,8 @@
     python pipelines/nbody.py bits --ckpt <best.ckpt> --maps runs/nbody/heldout.h5 --n 2000 --out runs/nbody/bits.json
     python pipelines/nbody.py sims --train <training store> --heldout runs/nbody/heldout.h5 --out runs/nbody/sims.json
     python pipelines/nbody.py halves --store runs/nbody/heldout.h5 --out-even runs/nbody/a.h5 --out-odd runs/nbody/b.h5
+    python pipelines/nbody.py spread --ckpt <best.ckpt> --train <training store> --heldout runs/nbody/heldout.h5 \
+        --out runs/nbody/spread.json
 
 ``gaussian-part``: ``n`` mocks drawn through the checkpoint's preprocessing (the fitted shifted log) and its crop
 Gaussian alone, with standard-normal latents (no Glow), into a mock store that ``lensflow.validate`` reads.
@@ -13,6 +15,10 @@ the whole model, paired on the same maps; their difference is what the Glow lear
 rank-Gaussianized peak test (:mod:`lensflow.compare.gaussianity`), and how independent maps that share a box are
 (``1 + (K−1)ρ̄``: the variance of a box's K-map mean over that of K independent maps, per statistic bin).
 ``halves``: the store's even and odd boxes as two stores, for the simulations-against-simulations control.
+``spread``: why the mocks' small-scale spread is too wide. The Gaussian part refitted on training maps with the
+shifted log's λ at 1, 1.5, 2, 3 and 5 times its maximum-likelihood value, and as a Gaussian copula (the pixel PDF
+mapped to a normal by its empirical quantiles, so the one-point PDF is exact): per set, the map-to-map std of
+log C_ℓ in the three highest ℓ bins and the mean and std of the per-map skewness, against the held-out maps.
 ``pipelines/nbody.sh`` runs the whole sequence.
 """
 
@@ -127,6 +133,60 @@ def cmd_sims(a: argparse.Namespace) -> None:
     print(out["cl_over_halofit"], out["rank_gaussianized_peaks"]["max_abs_z"], out["box_inflation"])
 
 
+def _spread_summary(maps: np.ndarray, pix: float) -> dict:
+    from lensflow.stats import power_spectrum
+    from lensflow.stats.spectra import default_ell_edges
+
+    ell, cl = power_spectrum(maps.astype(np.float32), pix, default_ell_edges(maps.shape[-1], pix, 12))
+    lc = np.log(np.asarray(cl)[:, 0])
+    x = maps.reshape(len(maps), -1).astype(np.float64)
+    skew = ((x - x.mean(1, keepdims=True)) ** 3).mean(1) / x.std(1) ** 3
+    return {
+        "ell": np.asarray(ell)[-3:].round(0).tolist(),
+        "log_cl_std": lc[:, -3:].std(0).round(4).tolist(),
+        "skew_mean": round(float(skew.mean()), 3),
+        "skew_std": round(float(skew.std()), 3),
+    }
+
+
+def cmd_spread(a: argparse.Namespace) -> None:
+    import copy
+
+    from scipy.special import ndtr, ndtri
+
+    from lensflow.flows.preprocess import Preprocess
+
+    model = KappaFlow.load(a.ckpt)
+    glow = model.glow_ema
+    pix = model.meta.pixel_arcmin
+    tr = open_store(a.train)
+    train = tr.read(tr.indices("train")[: a.n_train]).astype(np.float64)
+    held = open_store(a.heldout)
+    idx = np.sort(np.random.default_rng(a.seed).choice(len(held), min(a.n, len(held)), replace=False))
+    rows = {"held-out simulations": _spread_summary(held.read(idx), pix)}
+    lam = float(glow.preprocess.shift[0])
+    z = torch.randn(a.n, *model.map_shape, generator=torch.Generator().manual_seed(a.seed))
+    for factor in (1.0, 1.5, 2.0, 3.0, 5.0):
+        g = copy.deepcopy(glow)  # the Gaussian part refitted with this shift; the Glow is not used
+        g.preprocess = Preprocess(model.map_shape[0], log_shift=True, shift=lam * factor)
+        g.fit_preprocessing(torch.as_tensor(train))
+        with torch.no_grad():
+            maps = g.preprocess.inverse(g.stationary.inverse(z, None), None).numpy()
+        rows[f"Gaussian part, shift {factor:g} x ML ({lam * factor:.4f})"] = _spread_summary(maps, pix)
+        print(list(rows)[-1], rows[list(rows)[-1]], flush=True)
+    q = np.linspace(0, 1, 4001)[1:-1]
+    knots = np.quantile(train, q)  # one channel: the pooled pixel quantiles of the training maps
+    y = ndtri(np.clip(np.interp(train, knots, q), q[0], q[-1]))
+    g = copy.deepcopy(glow)
+    g.stationary.initialize(torch.as_tensor(y - y.mean()))
+    with torch.no_grad():
+        ys = g.stationary.inverse(z, None).double().numpy() + y.mean()
+    rows["Gaussian copula (exact pixel PDF)"] = _spread_summary(np.interp(ndtr(ys), q, knots), pix)
+    rows["n_maps"] = int(a.n)
+    write_json(a.out, rows, indent=2)
+    print(json.dumps(rows, indent=1))
+
+
 def cmd_halves(a: argparse.Namespace) -> None:
     """Two stores of disjoint boxes (even and odd realization ids) for the simulations-against-simulations control."""
     st = open_store(a.store)
@@ -195,6 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--store", required=True)
     h.add_argument("--out-even", required=True)
     h.add_argument("--out-odd", required=True)
+    w = sub.add_parser("spread")
+    w.add_argument("--ckpt", required=True)
+    w.add_argument("--train", required=True)
+    w.add_argument("--heldout", required=True)
+    w.add_argument("--n", type=int, default=2000)
+    w.add_argument("--n-train", type=int, default=6000)
+    w.add_argument("--seed", type=int, default=5)
+    w.add_argument("--out", required=True)
     f = sub.add_parser("perbin")
     f.add_argument("--summaries", nargs="+", required=True)
     f.add_argument("--labels", nargs="+", required=True)
@@ -207,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             "sims": cmd_sims,
             "halves": cmd_halves,
             "perbin": cmd_perbin,
+            "spread": cmd_spread,
         }[a.cmd](a)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

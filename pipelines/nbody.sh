@@ -4,7 +4,7 @@
 # held-out boxes, beside the simulations-against-simulations control; then the held-out bits/pixel of both and the
 # simulator's own figures (C_ℓ against halofit, rank-Gaussianized peaks, box inflation). docs/nbody.md has the
 # figures of one run.
-#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~2-3 h on 2 CPU cores)
+#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~4 h on 2 CPU cores)
 set -euo pipefail
 run=${1:-runs/nbody}
 mkdir -p "$run"
@@ -46,3 +46,18 @@ for name in ('heldout', 'mocks', 'gaussian_part'):
     r = peak_excess(open_store('$run/' + name + '.h5').read())
     print(name, 'rank-Gaussianized peaks: max |z| =', round(r['max_abs_z'], 1))
 "
+
+# 7. what limits the whole model (docs/nbody.md, "What limits it"): the Gaussian part's small-scale spread against the
+#    shift of the log, then variants trained and validated like the model above (1,200 steps: the validation plateau)
+python pipelines/nbody.py spread --ckpt "$ckpt" --train "$train_store" --heldout "$run/heldout.h5" --out "$run/spread.json"
+for variant in "model.shift_scale=1.5 trainer.max_steps=1200" "model.shift_scale=2.0 trainer.max_steps=1200" \
+  "model.steps=16 trainer.max_steps=2500" "trainer.max_steps=1200"; do
+  tag=$(echo "$variant" | tr ' =' '_-')
+  # shellcheck disable=SC2086
+  python -m lensflow.train +experiment=kappa_nbody_cpu $variant paths.root="$run" name="v_$tag"
+  vckpt=$(ls -t "$run"/outputs/train/"v_$tag"/*/checkpoints/best.ckpt | head -1)
+  python -m lensflow.generate ckpt="$vckpt" n_maps=4000 seed=1 out="$run/mocks_$tag.h5" overwrite=true
+  python -m lensflow.validate reference="$run/heldout.h5" reference_split=all candidate="$run/mocks_$tag.h5" \
+    out="$run/validate_$tag" max_maps=4000 overwrite=true progress=false || true
+  python pipelines/nbody.py bits --ckpt "$vckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/bits_$tag.json"
+done
