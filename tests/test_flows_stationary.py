@@ -115,6 +115,8 @@ def test_unknown_shift_method_is_one_line():
         Preprocess(1, log_shift=True, shift_method="guess")
     with pytest.raises(ValueError, match="shift_scale must be a number >= 1"):
         Preprocess(1, log_shift=True, shift_method="ml", shift_scale=0.5)
+    with pytest.raises(ValueError, match="scales the ml shift; shift_method is 'margin'"):
+        Preprocess(1, log_shift=True, shift_method="margin", shift_scale=2.0)
 
 
 def test_shift_scale_multiplies_the_ml_shift_and_keeps_an_exact_density():

@@ -114,6 +114,8 @@ class Preprocess(nn.Module):
             raise ValueError(f"shift_method must be one of {SHIFT_METHODS}, got {shift_method!r}")
         if not (isinstance(shift_scale, (int, float)) and math.isfinite(shift_scale) and shift_scale >= 1):
             raise ValueError(f"shift_scale must be a number >= 1 (the support holds every pixel), got {shift_scale!r}")
+        if shift_scale != 1 and shift_method != "ml":
+            raise ValueError(f"shift_scale={shift_scale!r} scales the ml shift; shift_method is {shift_method!r}")
         self.shift_scale = float(shift_scale)
         self.channels = channels
         self.log_shift = bool(log_shift)
