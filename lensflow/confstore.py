@@ -18,7 +18,7 @@ from typing import Any
 
 from lensflow._util.plain import to_plain
 
-__all__ = ["NODES", "ROOTS", "node", "register", "source"]
+__all__ = ["NODES", "ROOTS", "node", "register"]
 
 #: ``node/name`` → ``(module, attribute[, key])``: a mapping (or a settings dataclass, whose default instance is
 #: the node; ``key`` picks one entry of a mapping of presets).
@@ -57,20 +57,15 @@ ROOTS: dict[str, tuple[str, ...]] = {
 _done: set[str] = set()
 
 
-def source(path: str) -> Any:
-    """The Python object that holds node ``path`` (a mapping or a dataclass type), and its key in a preset table
-    (or ``None``)."""
-    module, attr, *key = NODES[path]
-    return getattr(importlib.import_module(module), attr), (key[0] if key else None)
-
-
 def node(path: str) -> dict[str, Any]:
     """The plain defaults of node ``path`` (a fresh copy)."""
-    obj, key = source(path)
-    if key is not None:
-        obj = obj[key]
+    module, attr, *key = NODES[path]
+    obj = getattr(importlib.import_module(module), attr)
+    if key:
+        obj = obj[key[0]]
     if isinstance(obj, type) and dataclasses.is_dataclass(obj):
-        obj = {f.name: getattr(obj(), f.name) for f in dataclasses.fields(obj)}
+        default = obj()
+        obj = {f.name: getattr(default, f.name) for f in dataclasses.fields(obj)}
     return to_plain(obj)
 
 

@@ -80,6 +80,23 @@ def is_grouped(groups: np.ndarray | None) -> bool:
     return groups is not None and np.unique(np.asarray(groups)).size < np.asarray(groups).size
 
 
+def group_warnings(groups: tuple[np.ndarray | None, np.ndarray | None]) -> list[str]:
+    """``few realizations: ...`` lines for the sets (reference, candidate) whose maps come from fewer than
+    :data:`GROUPS_CALIBRATED` groups (``None``: independent maps)."""
+    out = []
+    for what, g in zip(("reference", "candidate"), groups, strict=True):
+        if not is_grouped(g):
+            continue
+        n_groups = np.unique(g).size
+        if n_groups < GROUPS_CALIBRATED:
+            out.append(
+                f"few realizations: the {what} set's {g.size} maps come from {n_groups} realizations (boxes); its "
+                f"standard errors are clustered by realization, which is calibrated from {GROUPS_CALIBRATED} on: "
+                "use more boxes with fewer maps each"
+            )
+    return out
+
+
 def group_summary(groups: np.ndarray | None, n: int) -> dict[str, int]:
     """``{"maps", "groups", "max_maps_per_group"}`` of one set (``None``: independent maps)."""
     counts = np.bincount(_codes(groups, n, "set"))

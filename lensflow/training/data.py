@@ -246,18 +246,13 @@ class KappaDataModule(L.LightningDataModule):
 
     def eval_maps(self, split: str = "val", n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` maps of a split and their conditioning params (for sample checks)."""
-        idx = self._split_idx[split]
-        if n is not None:
-            idx = idx[:n]
+        idx = self._split_idx[split][:n]
         return self.store.read(idx), self._params(idx)
 
     def eval_groups(self, split: str = "val", n: int | None = None) -> np.ndarray:
         """The realization ids of :meth:`eval_maps`'s maps: maps that share one (one N-body box) are correlated, and
         the sample check compares them with clustered errors, as ``validate`` does."""
-        idx = self._split_idx[split]
-        if n is not None:
-            idx = idx[:n]
-        return self.store.read_realization()[idx]
+        return self.store.read_realization()[self._split_idx[split][:n]]
 
     # -- Lightning hooks --------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

@@ -36,7 +36,7 @@ from lensflow._util.atomic import write_json
 from lensflow._util.log import get_logger
 from lensflow._util.plain import to_plain
 from lensflow.compare import compare
-from lensflow.compare.clusters import GROUPS_CALIBRATED, is_grouped
+from lensflow.compare.clusters import group_warnings, is_grouped
 from lensflow.compare.tolerances import CHECK_TARGETS, POPULATED_SE
 from lensflow.mapstore import StoreMeta
 from lensflow.report.check_figures import check_figures
@@ -113,7 +113,7 @@ def sample_check(
     else:
         groups = (ref_groups, None)
         result, bins = compare_maps(ref, s, MeasureOptions.for_check(chk, meta, STATISTICS), meta, seed, groups)
-        metrics.update(metrics_of(result, grouped=ref_groups is not None and is_grouped(ref_groups)))
+        metrics.update(metrics_of(result, grouped=is_grouped(ref_groups)))
         ref_std = float(ref.std(dtype=np.float64))
         metrics["std_ratio"] = float(s.std(dtype=np.float64)) / ref_std if ref_std > 0 else math.nan
     if out_dir is not None:
@@ -161,20 +161,13 @@ def full_verdict(
     """``python -m lensflow.validate``'s default comparison (every statistic, both smoothing scales, calibrated
     verdict and omnibus test) of finite ``samples`` against ``ref``: pass, failures, sizes and warnings.
     ``ref_groups``: the reference maps' realization ids; maps that share a box get clustered errors, as in
-    ``validate``, and fewer than :data:`~lensflow.compare.clusters.GROUPS_CALIBRATED` boxes give a warning."""
+    ``validate``, and too few boxes give the warning of :func:`~lensflow.compare.clusters.group_warnings`."""
     s = samples[np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)]
     if min(len(s), len(ref)) < MIN_MAPS:
         return {"pass": None, "failures": [f"too few maps to compare ({len(s)} samples, {len(ref)} references)"]}
     result, _ = compare_maps(ref, s, MeasureOptions.from_config({}), meta, seed, (ref_groups, None))
     n = min(len(ref), len(s))
-    warnings = []
-    if ref_groups is not None and is_grouped(ref_groups):
-        boxes = np.unique(ref_groups).size
-        if boxes < GROUPS_CALIBRATED:
-            warnings.append(
-                f"the {len(ref)} validation maps come from {boxes} realizations (boxes): the verdict's error bars "
-                f"are calibrated from {GROUPS_CALIBRATED}; validate against more held-out boxes"
-            )
+    warnings = group_warnings((ref_groups, None))
     return {
         "warnings": warnings,
         "pass": bool(result["pass"]),

@@ -24,7 +24,7 @@ from lensflow._util.lock import target_lock
 from lensflow._util.log import get_logger
 from lensflow._util.progress import progress
 from lensflow.compare import compare
-from lensflow.compare.clusters import GROUPS_CALIBRATED, is_grouped
+from lensflow.compare.clusters import group_warnings
 from lensflow.mapstore import MapStore, open_store
 from lensflow.report.figures import draw_validation_figures
 from lensflow.report.html import render_html
@@ -123,22 +123,6 @@ def _measure(vc: ValidationRequest, ref: MapStore, cand: MapStore, warnings: lis
 
 #: Below this many maps per set the default verdict detects only large departures (docs/validation.md: detection table).
 LOW_POWER_MAPS = 200
-
-
-def group_warnings(groups: tuple[np.ndarray, np.ndarray]) -> list[str]:
-    """``few realizations: ...`` lines for sets whose maps come from fewer than GROUPS_CALIBRATED groups."""
-    out = []
-    for what, g in zip(("reference", "candidate"), groups, strict=True):
-        if not is_grouped(g):
-            continue
-        n_groups = np.unique(g).size
-        if n_groups < GROUPS_CALIBRATED:
-            out.append(
-                f"few realizations: the {what} set's {g.size} maps come from {n_groups} realizations (boxes); its "
-                f"standard errors are clustered by realization, which is calibrated from {GROUPS_CALIBRATED} on: "
-                "use more boxes with fewer maps each"
-            )
-    return out
 
 
 def low_power_warnings(ref: MapStore, split: str, n_reference: int, n_candidate: int) -> list[str]:
