@@ -97,6 +97,8 @@ class ModelSettings(Settings):
     # spline couplings: act on [-b, b] of the ActNorm-normalised activations, identity outside
     spline_tail_bound: float = 5.0
     prior_bound: float = 5.0  # soft clamp of prior log-std
+    # width of the split priors' networks, which also see each map's per-channel mean and std (0: a linear 3x3 conv)
+    split_hidden: int = 0
     learn_top_prior: bool = True
     # ml: maximum-likelihood shift of a shifted-lognormal PDF | margin: 1 sigma below the minimum
     shift_method: str = "ml"
@@ -129,6 +131,7 @@ class ModelSettings(Settings):
         check_bool("model.cond_log", self.cond_log)
         for name in ("levels", "steps", "hidden"):
             check_int(f"model.{name}", getattr(self, name), 1)
+        check_int("model.split_hidden", self.split_hidden, 0)
         check_optional_int("model.cond_dim", self.cond_dim, 0)
         check_choice("model.padding", self.padding, ("auto", "zero", "circular"))
         check_bool("model.log_shift", self.log_shift)
@@ -159,6 +162,7 @@ class ModelSettings(Settings):
             "spline_bins": self.spline_bins,
             "spline_tail_bound": self.spline_tail_bound,
             "prior_bound": self.prior_bound,
+            "split_hidden": self.split_hidden,
             "learn_top_prior": self.learn_top_prior,
             "log_shift": self.log_shift,
             "shift_method": self.shift_method,

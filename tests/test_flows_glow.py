@@ -29,14 +29,32 @@ def _train(glow: Glow, x: torch.Tensor, cond: torch.Tensor | None, steps: int, l
 
 # -- exact log-determinant -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("channels", "cond_dim", "coupling"),
-    [(1, 0, "affine"), (1, 3, "affine"), (2, 0, "affine"), (2, 3, "affine"), (1, 3, "spline"), (2, 0, "spline")],
+    ("channels", "cond_dim", "coupling", "split_hidden"),
+    [
+        (1, 0, "affine", 0),
+        (1, 3, "affine", 0),
+        (2, 0, "affine", 0),
+        (2, 3, "affine", 0),
+        (1, 3, "spline", 0),
+        (2, 0, "spline", 0),
+        (1, 3, "affine", 8),
+    ],
 )
-def test_logdet_matches_brute_force_jacobian(channels, cond_dim, coupling):
+def test_logdet_matches_brute_force_jacobian(channels, cond_dim, coupling, split_hidden):
     padding = "zero" if channels == 1 else "circular"
     pre = Preprocess(channels, log_shift=True)
     glow = Glow(
-        channels, 8, 2, 2, hidden=8, cond_dim=cond_dim, padding=padding, preprocess=pre, init_seed=0, coupling=coupling
+        channels,
+        8,
+        2,
+        2,
+        hidden=8,
+        cond_dim=cond_dim,
+        padding=padding,
+        preprocess=pre,
+        init_seed=0,
+        coupling=coupling,
+        split_hidden=split_hidden,
     )
     glow = glow.double()
     data = _lognormal_maps(18, channels, 8, seed=channels)
@@ -68,6 +86,11 @@ def test_logdet_matches_brute_force_jacobian(channels, cond_dim, coupling):
     ref = sum(stats.norm.logpdf(z.detach().numpy()).sum(axis=(1, 2, 3)) for z in zs) + logdet.detach().numpy()
     lp = glow.log_prob(x, None if cond is None else cond[16:]).detach().numpy()
     np.testing.assert_allclose(lp, ref, rtol=1e-10)
+    if split_hidden:  # the split priors' networks rebuild from the config
+        again = Glow.from_config(glow.config).double()
+        again.load_state_dict(glow.state_dict())
+        assert again.config["split_hidden"] == split_hidden
+        np.testing.assert_array_equal(again.log_prob(x, cond[16:]).detach().numpy(), lp)
 
 
 # -- exact densities ---------------------------------------------------------------------------------------------
@@ -268,6 +291,7 @@ def test_sample_noise_order_temperature_and_batch_independence():
         ({"spline_bins": 4096}, "spline_bins"),
         ({"spline_tail_bound": 0.0}, "spline_tail_bound"),
         ({"prior_bound": -1.0}, "prior_bound"),
+        ({"split_hidden": -1}, "split_hidden"),
         ({"levels": 2.0}, "levels"),
     ],
 )

@@ -394,10 +394,11 @@ def test_squeeze_layout_and_round_trip():
         Squeeze()(torch.zeros(1, 1, 3, 4))
 
 
+@pytest.mark.parametrize("hidden", [0, 8])
 @pytest.mark.parametrize("cond_dim", [0, 2])
-def test_split_round_trip_and_logdet(cond_dim):
+def test_split_round_trip_and_logdet(cond_dim, hidden):
     torch.manual_seed(0)
-    sp = Split(6, cond_dim=cond_dim).double()
+    sp = Split(6, cond_dim=cond_dim, hidden=hidden).double()
     x = torch.randn(2, 6, 4, 4, generator=gen(), dtype=torch.float64)
     cond = torch.randn(2, cond_dim, generator=gen(3), dtype=torch.float64) if cond_dim else None
     h, z, ld = sp(x, cond)
@@ -406,6 +407,25 @@ def test_split_round_trip_and_logdet(cond_dim):
     _, ld = check_forward_inverse(sp, x, cond, atol=1e-12)
     check_logdet(sp, x, cond, ld, atol=1e-9)
     assert float(ld.detach().abs().min()) > 0.1
+
+
+def test_split_prior_network_sees_the_whole_map():
+    """With ``hidden`` the prior of z at one corner follows h at the opposite corner (map-level context, through
+    the kept half's mean and std); the linear 3x3 prior only sees a pixel's neighbours."""
+    x = torch.randn(1, 6, 8, 8, generator=gen(), dtype=torch.float64)
+    far = x.clone()
+    far[:, :3, 7, 7] += 3.0
+    for hidden, moves in ((0, False), (8, True)):
+        torch.manual_seed(0)
+        sp = Split(6, hidden=hidden).double()
+        randomize(sp, 0.3)
+        with torch.no_grad():
+            m0, s0 = sp._mean_logsd(x[:, :3], None)
+            m1, s1 = sp._mean_logsd(far[:, :3], None)
+        changed = float((m1 - m0)[..., 0, 0].abs().max() + (s1 - s0)[..., 0, 0].abs().max())
+        assert (changed > 1e-6) is moves, (hidden, changed)
+    with pytest.raises(ValueError, match="hidden"):
+        Split(6, hidden=-1)
 
 
 def test_top_prior_round_trip_and_logdet():

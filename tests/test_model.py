@@ -277,6 +277,11 @@ def test_the_coupling_is_a_model_setting_that_an_export_keeps(tmp_path):
         _module(spline_bins=1)
     with pytest.raises(ValueError, match="model.spline_tail_bound"):
         _module(spline_tail_bound=-1.0)
+    with pytest.raises(ValueError, match="model.split_hidden"):
+        _module(split_hidden=-8)
+    wide = _module(split_hidden=8)  # split priors with a network: kept by an export too
+    assert wide.glow.splits[0].hidden == 8 and _module().glow.splits[0].hidden == 0
+    assert KappaFlow.load(wide.save(tmp_path / "w.pt")).glow.config["split_hidden"] == 8
 
 
 # --------------------------------------------------------------------------------------------

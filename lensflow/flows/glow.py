@@ -59,6 +59,8 @@ class Glow(nn.Module):
         spline_tail_bound: splines act on ``[-spline_tail_bound, spline_tail_bound]`` (ActNorm-normalised units)
             and are the identity outside (``coupling="spline"`` only).
         prior_bound: prior log-standard-deviations are soft-clamped to ``(-prior_bound, prior_bound)``.
+        split_hidden: width of the split priors' networks (:class:`~lensflow.flows.split.Split`; 0: a linear 3x3
+            convolution of the kept half, as openai/glow and every model saved before the choice existed).
         learn_top_prior: learn a per-channel mean / log-std for the top latent (else standard normal, plus
             the ``cond`` term when conditional).
         init_seed: if given, parameters are initialised from this seed without touching torch's global RNG;
@@ -89,6 +91,7 @@ class Glow(nn.Module):
         spline_bins: int = 8,
         spline_tail_bound: float = 5.0,
         prior_bound: float = 5.0,
+        split_hidden: int = 0,
         learn_top_prior: bool = True,
         init_seed: int | None = None,
         stationary: bool = False,
@@ -116,6 +119,7 @@ class Glow(nn.Module):
         check_positive_number("spline_tail_bound", spline_tail_bound)
         if not prior_bound > 0:
             raise ValueError(f"prior_bound must be > 0, got {prior_bound!r}")
+        check_positive_int("split_hidden", split_hidden, minimum=0)
         if preprocess is None:
             preprocess = Preprocess(in_channels)
         elif not isinstance(preprocess, Preprocess):
@@ -139,6 +143,7 @@ class Glow(nn.Module):
         self.spline_bins = int(spline_bins)
         self.spline_tail_bound = float(spline_tail_bound)
         self.prior_bound = float(prior_bound)
+        self.split_hidden = int(split_hidden)
         self.learn_top_prior = bool(learn_top_prior)
         self.stationary_knots = int(stationary_knots)
         self.stationary_low_modes = int(stationary_low_modes)
@@ -189,7 +194,7 @@ class Glow(nn.Module):
                 )
             )
             if i < self.num_levels - 1:
-                split = Split(c, self.cond_dim, self.padding, self.prior_bound)
+                split = Split(c, self.cond_dim, self.padding, self.prior_bound, self.split_hidden)
                 splits.append(split)
                 shapes.append((split.n_out, s, s))
                 c = split.n_keep
@@ -227,6 +232,7 @@ class Glow(nn.Module):
             "spline_bins": self.spline_bins,
             "spline_tail_bound": self.spline_tail_bound,
             "prior_bound": self.prior_bound,
+            "split_hidden": self.split_hidden,
             "learn_top_prior": self.learn_top_prior,
             "stationary": self.stationary is not None,
             "stationary_knots": self.stationary_knots,

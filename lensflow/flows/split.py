@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import acc_dtype, check_cond, check_positive_int, stream_dtype
-from .nets import ZeroConv2d
+from .nets import CouplingNet, ZeroConv2d
 
 
 def _soft_clamp(raw: Tensor, bound: float) -> Tensor:
@@ -23,13 +23,28 @@ class Split(nn.Module):
     ``eps = (z - mu) / sigma``, which is standard normal under the model, and
     ``logdet = -sum(log sigma)``. Both prior pieces start at zero (``eps = z``).
 
+    ``hidden > 0`` replaces the linear ``ZeroConv2d(h)`` (openai/glow's ``Conv2dZeros``) by a
+    :class:`~lensflow.flows.nets.CouplingNet` of that width whose first layer is FiLM-modulated by the kept
+    half's per-channel spatial mean and standard deviation. A linear 3x3 prior can move the mean of ``z`` with
+    ``h`` but cannot make its spread grow with ``|h|``, nor with the whole map's content; on N-body maps the
+    small-scale spread of a map follows its halos (its variance and skewness are correlated), which needs both.
+    The prior is still a function of ``h`` alone, so the likelihood stays exact.
+
     ``forward(x, cond) -> (h, eps, logdet[B])`` and ``inverse(h, eps, cond) -> x``.
     """
 
-    def __init__(self, channels: int, cond_dim: int = 0, padding: str = "zero", prior_bound: float = 5.0):
+    def __init__(
+        self,
+        channels: int,
+        cond_dim: int = 0,
+        padding: str = "zero",
+        prior_bound: float = 5.0,
+        hidden: int = 0,
+    ):
         super().__init__()
         check_positive_int("channels", channels, minimum=2)
         check_positive_int("cond_dim", cond_dim, minimum=0)
+        check_positive_int("hidden", hidden, minimum=0)
         if not prior_bound > 0:
             raise ValueError(f"prior_bound must be > 0, got {prior_bound!r}")
         self.channels = channels
@@ -37,7 +52,11 @@ class Split(nn.Module):
         self.n_out = channels // 2
         self.cond_dim = cond_dim
         self.prior_bound = float(prior_bound)
-        self.prior = ZeroConv2d(self.n_keep, 2 * self.n_out, padding)
+        self.hidden = int(hidden)
+        if self.hidden:
+            self.prior = CouplingNet(self.n_keep, 2 * self.n_out, self.hidden, 2 * self.n_keep, padding)
+        else:
+            self.prior = ZeroConv2d(self.n_keep, 2 * self.n_out, padding)
         if cond_dim:
             self.cond_proj = nn.Linear(cond_dim, 2 * self.n_out)
             nn.init.zeros_(self.cond_proj.weight)
@@ -45,7 +64,13 @@ class Split(nn.Module):
 
     def _mean_logsd(self, h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         cond = check_cond(cond, self.cond_dim, h.shape[0], "Split")
-        p = self.prior(h).to(stream_dtype(h))
+        if self.hidden:
+            # map-level context: per-channel spatial mean and std of the kept half ([B, 2 n_keep])
+            var, mean = torch.var_mean(h, dim=(2, 3))
+            ctx = torch.cat([mean, (var + 1e-6).sqrt()], dim=1)  # the 1e-6 keeps the gradient finite on flat maps
+            p = self.prior(h, ctx.to(self.prior.film.weight.dtype)).to(stream_dtype(h))
+        else:
+            p = self.prior(h).to(stream_dtype(h))
         if self.cond_dim:
             p = p + self.cond_proj(cond).to(p.dtype)[:, :, None, None]
         mean, raw = p[:, : self.n_out], p[:, self.n_out :]
@@ -63,7 +88,7 @@ class Split(nn.Module):
         return torch.cat([h, z.to(h.dtype)], dim=1)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, keep={self.n_keep}, prior_bound={self.prior_bound}"
+        return f"channels={self.channels}, keep={self.n_keep}, prior_bound={self.prior_bound}, hidden={self.hidden}"
 
 
 class TopPrior(nn.Module):

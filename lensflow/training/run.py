@@ -51,6 +51,7 @@ _ARCH_KEYS = (
     "spline_bins",
     "spline_tail_bound",
     "prior_bound",
+    "split_hidden",
     "learn_top_prior",
 )
 _FINAL_SEED_OFFSET = 1_000_003  # the final check's latents differ from every in-training check's
