@@ -6,6 +6,8 @@
     python pipelines/nbody.py halves --store runs/nbody/heldout.h5 --out-even runs/nbody/a.h5 --out-odd runs/nbody/b.h5
     python pipelines/nbody.py spread --ckpt <best.ckpt> --train <training store> --heldout runs/nbody/heldout.h5 \
         --out runs/nbody/spread.json
+    python pipelines/nbody.py moments --validate runs/nbody/validate_mocks runs/nbody/validate_sims \
+        --out runs/nbody/moments.json
 
 ``gaussian-part``: ``n`` mocks drawn through the checkpoint's preprocessing (the fitted shifted log) and its crop
 Gaussian alone, with standard-normal latents (no Glow), into a mock store that ``lensflow.validate`` reads.
@@ -19,6 +21,9 @@ rank-Gaussianized peak test (:mod:`lensflow.compare.gaussianity`), and how indep
 shifted log's λ at 1, 1.5, 2, 3 and 5 times its maximum-likelihood value, and as a Gaussian copula (the pixel PDF
 mapped to a normal by its empirical quantiles, so the one-point PDF is exact): per set, the map-to-map std of
 log C_ℓ in the three highest ℓ bins and the mean and std of the per-map skewness, against the held-out maps.
+``moments``: why the per-map moments' correlation matrix fails. From ``validate`` output folders (their stats.h5),
+each set's correlation of the per-map variance with the skewness and with the excess kurtosis (a massive halo raises
+all three), with box-bootstrap standard errors where the set's store records boxes, and the mean within one box.
 ``pipelines/nbody.sh`` runs the whole sequence.
 """
 
@@ -187,6 +192,44 @@ def cmd_spread(a: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=1))
 
 
+def _moment_corr(mom: np.ndarray, box: np.ndarray | None, n_boot: int, seed: int) -> dict:
+    """corr(variance, skewness) and corr(variance, kurtosis) of per-map moments [N, 4], box-bootstrapped."""
+
+    def pair(m: np.ndarray) -> list[float]:
+        return [float(np.corrcoef(m[:, 1], m[:, j])[0, 1]) for j in (2, 3)]
+
+    out: dict = {"var_skew, var_kurt": pair(mom), "n_maps": int(len(mom))}
+    if box is None or np.unique(box).size in (1, box.size):  # one value: a mock store, maps independent
+        return out
+    boxes = np.unique(box)
+    rows = [np.flatnonzero(box == b) for b in boxes]
+    rng = np.random.default_rng(seed)
+    boot = [pair(mom[np.concatenate([rows[i] for i in rng.integers(0, len(rows), len(rows))])]) for _ in range(n_boot)]
+    out["se_box_bootstrap"] = np.std(boot, axis=0, ddof=1).tolist()
+    out["mean_within_box"] = np.mean([pair(mom[r]) for r in rows], axis=0).tolist()
+    out["n_boxes"] = int(len(boxes))
+    return out
+
+
+def cmd_moments(a: argparse.Namespace) -> None:
+    import h5py
+
+    out: dict = {}
+    for folder in a.validate:
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+        with h5py.File(Path(folder) / "stats.h5", "r") as f:
+            for side in ("reference", "candidate"):
+                store = open_store(summary["inputs"][side]["path"])
+                rid = store.read_realization()
+                idx = f[f"indices/{side}"][:]
+                for name in sorted(k for k in f[side] if k.startswith("moments@")):
+                    key = f"{folder}:{side}:{name}"
+                    box = None if rid is None else np.asarray(rid)[idx]
+                    out[key] = _moment_corr(f[side][name][:], box, a.n_boot, a.seed)
+                    print(key, json.dumps(out[key]), flush=True)
+    write_json(a.out, out, indent=2)
+
+
 def cmd_halves(a: argparse.Namespace) -> None:
     """Two stores of disjoint boxes (even and odd realization ids) for the simulations-against-simulations control."""
     st = open_store(a.store)
@@ -263,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--n-train", type=int, default=6000)
     w.add_argument("--seed", type=int, default=5)
     w.add_argument("--out", required=True)
+    m = sub.add_parser("moments")
+    m.add_argument("--validate", nargs="+", required=True, help="validate output folders")
+    m.add_argument("--n-boot", type=int, default=1000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
     f = sub.add_parser("perbin")
     f.add_argument("--summaries", nargs="+", required=True)
     f.add_argument("--labels", nargs="+", required=True)
@@ -276,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             "halves": cmd_halves,
             "perbin": cmd_perbin,
             "spread": cmd_spread,
+            "moments": cmd_moments,
         }[a.cmd](a)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -4,13 +4,13 @@
 # held-out boxes, beside the simulations-against-simulations control; then the held-out bits/pixel of both and the
 # simulator's own figures (C_ℓ against halofit, rank-Gaussianized peaks, box inflation). docs/nbody.md has the
 # figures of one run.
-#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~4 h on 2 CPU cores)
+#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~7 h on 2 CPU cores, 5 of them the step-7 ablations)
 set -euo pipefail
 run=${1:-runs/nbody}
 mkdir -p "$run"
 export WANDB_MODE=offline MPLBACKEND=Agg
 
-# 1. training store (12,000 maps from 16 boxes, split by box) and the emulator
+# 1. training store (12,000 maps from 32 boxes, split by box) and the emulator
 python -m lensflow.train +experiment=kappa_nbody_cpu paths.root="$run" 2>&1 | tee "$run/train.log"
 ckpt=$(ls -t "$run"/outputs/train/kappa_nbody_cpu/*/checkpoints/best.ckpt | head -1)
 train_store=$(ls "$run"/data/sim-*.h5 | head -1)   # the training store, cached under paths.root/data
@@ -48,10 +48,15 @@ for name in ('heldout', 'mocks', 'gaussian_part'):
 "
 
 # 7. what limits the whole model (docs/nbody.md, "What limits it"): the Gaussian part's small-scale spread against the
-#    shift of the log, then variants trained and validated like the model above (1,200 steps: the validation plateau)
+#    shift of the log, then the ablations, trained and validated like the model above: each takes one of its choices
+#    back (the linear split priors, 16 boxes of 750 maps, the maximum-likelihood shift), and the other variants
 python pipelines/nbody.py spread --ckpt "$ckpt" --train "$train_store" --heldout "$run/heldout.h5" --out "$run/spread.json"
-for variant in "model.shift_scale=1.5 trainer.max_steps=1200" "model.shift_scale=2.0 trainer.max_steps=1200" \
-  "model.steps=16 trainer.max_steps=2500" "trainer.max_steps=1200"; do
+# the per-map moments' correlations (variance with skewness and kurtosis), box-bootstrapped, in each set
+python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validate_sims" --out "$run/moments.json"
+old="model.split_hidden=0 data.simulate.sim.n_boxes=16"   # the config's 1,200 steps unless a variant says
+for variant in "trainer.max_steps=2400" "model.levels=5" "model.split_hidden=0" "$old" "$old model.shift_scale=1.0" \
+  "$old model.shift_scale=1.0 trainer.max_steps=3000" "$old model.shift_scale=2.0" \
+  "$old model.shift_scale=1.0 model.steps=16 trainer.max_steps=2500"; do
   tag=$(echo "$variant" | tr ' =' '_-')
   # shellcheck disable=SC2086
   python -m lensflow.train +experiment=kappa_nbody_cpu $variant paths.root="$run" name="v_$tag"
