@@ -189,6 +189,32 @@ def test_state_dict_round_trip_is_bit_identical_and_never_reinitialises():
         assert torch.equal(new, a.sample(3, cond[:3], noise=noise))
 
 
+def test_config_keys_are_the_keys_of_config():
+    """``Glow.config_keys()`` (what callers such as ``bench kl`` pick from a settings mapping) cannot drift from
+    ``config``: a key added to one and not the other fails here."""
+    glow = Glow(1, 16, 2, 1, 8, preprocess=Preprocess(1, log_shift=True, shift_method="ml", shift_scale=1.5))
+    assert tuple(glow.config) == Glow.config_keys()
+    from lensflow.bench.kl import build_glow
+
+    student = build_glow(
+        1,
+        16,
+        {
+            "levels": 2,
+            "steps": 1,
+            "hidden": 8,
+            "log_shift": True,
+            "shift_method": "ml",
+            "shift_scale": 1.5,
+            "split_hidden": 4,
+            "kind": "glow",
+        },
+        False,
+        0,
+    )
+    assert student.preprocess.shift_scale == 1.5 and student.split_hidden == 4
+
+
 def test_spline_glow_config_round_trip_and_float32_inverse():
     """A spline Glow rebuilds from its config (bit-identical densities and samples), inverts after training in
     float32, and a config saved before ``coupling`` existed (no such key) is an affine Glow as it was."""

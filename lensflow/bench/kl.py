@@ -43,42 +43,13 @@ KEYS: tuple[str, ...] = (
     "variants",
 )
 
-_GLOW_KEYS = (
-    "levels",
-    "steps",
-    "hidden",
-    "scale_bound",
-    "coupling",
-    "spline_bins",
-    "spline_tail_bound",
-    "prior_bound",
-    "split_hidden",
-    "learn_top_prior",
-    "stationary",
-    "stationary_knots",
-    "stationary_low_modes",
-    "stationary_dense",
-    "stationary_degree",
-    "shift_degree",
-)
-
 
 def build_glow(channels: int, npix: int, model: Mapping[str, Any], periodic: bool, seed: int) -> Glow:
-    """The Glow a model config describes (the keys of conf/model/glow.yaml)."""
-    cfg = {k: model[k] for k in _GLOW_KEYS if k in model}
-    return Glow.from_config(
-        {
-            "in_channels": channels,
-            "image_size": npix,
-            "padding": "circular" if periodic else "zero",
-            "log_shift": bool(model.get("log_shift", False)),
-            "margin": float(model.get("margin", 1.0)),
-            "shift_method": str(model.get("shift_method", "margin")),
-            "shift_scale": float(model.get("shift_scale", 1.0)),
-            **cfg,
-        },
-        init_seed=seed,
-    )
+    """The Glow a variant's model mapping describes: every :meth:`Glow.config_keys` key it gives (keys of
+    conf/model/glow.yaml that a Glow has no use for are ignored); the map geometry and padding are the data's."""
+    fixed = {"in_channels": channels, "image_size": npix, "padding": "circular" if periodic else "zero", "cond_dim": 0}
+    cfg = {k: model[k] for k in Glow.config_keys() if k in model and k not in fixed}
+    return Glow.from_config({**fixed, **cfg}, init_seed=seed)
 
 
 def _lr(step: int, warmup: int, total: int, floor: float) -> float:

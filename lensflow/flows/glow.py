@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -18,6 +19,9 @@ from .stationary import StationaryGaussian
 from .step import FlowStep
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+#: The :attr:`Glow.config` keys that configure the :class:`Preprocess` (popped by :meth:`Glow.from_config`).
+_PREPROCESS_KEYS = ("log_shift", "margin", "shift_method", "shift_degree", "shift_scale")
 
 
 class Glow(nn.Module):
@@ -245,6 +249,13 @@ class Glow(nn.Module):
             "shift_degree": self.preprocess.cond_degree,
             "shift_scale": self.preprocess.shift_scale,
         }
+
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        """The keys of :attr:`config`, which :meth:`from_config` takes: the constructor's arguments and the
+        preprocessing's (for callers that build a Glow from a larger settings mapping)."""
+        own = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "preprocess", "init_seed")]
+        return (*own, *_PREPROCESS_KEYS)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, init_seed: int | None = None) -> Glow:
