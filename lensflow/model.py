@@ -99,6 +99,9 @@ class ModelSettings(Settings):
     prior_bound: float = 5.0  # soft clamp of prior log-std
     # width of the split priors' networks, which also see each map's per-channel mean and std (0: a linear 3x3 conv)
     split_hidden: int = 0
+    # couple the radii of the whitened latents of this many coarsest levels (a map's power on those scales moving
+    # together, as on N-body maps; 0: independent levels)
+    amplitude_levels: int = 0
     learn_top_prior: bool = True
     # ml: maximum-likelihood shift of a shifted-lognormal PDF | margin: 1 sigma below the minimum
     shift_method: str = "ml"
@@ -136,6 +139,11 @@ class ModelSettings(Settings):
         check_choice("model.padding", self.padding, ("auto", "zero", "circular"))
         check_bool("model.log_shift", self.log_shift)
         check_bool("model.learn_top_prior", self.learn_top_prior)
+        check_int("model.amplitude_levels", self.amplitude_levels, 0)
+        if self.amplitude_levels > self.levels:
+            raise ValueError(
+                f"model.amplitude_levels must be at most model.levels = {self.levels}, got {self.amplitude_levels}"
+            )
         for name in ("scale_bound", "spline_tail_bound", "prior_bound"):
             object.__setattr__(
                 self, name, check_number(f"model.{name}", getattr(self, name), minimum=0, strict_min=True)
@@ -163,6 +171,7 @@ class ModelSettings(Settings):
             "spline_tail_bound": self.spline_tail_bound,
             "prior_bound": self.prior_bound,
             "split_hidden": self.split_hidden,
+            "amplitude_levels": self.amplitude_levels,
             "learn_top_prior": self.learn_top_prior,
             "log_shift": self.log_shift,
             "shift_method": self.shift_method,

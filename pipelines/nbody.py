@@ -8,6 +8,7 @@
         --out runs/nbody/spread.json
     python pipelines/nbody.py moments --validate runs/nbody/validate_mocks runs/nbody/validate_sims \
         --out runs/nbody/moments.json
+    python pipelines/nbody.py radii --ckpt <best.ckpt> --maps runs/nbody/heldout.h5 --n 2000 --out runs/nbody/radii.json
 
 ``gaussian-part``: ``n`` mocks drawn through the checkpoint's preprocessing (the fitted shifted log) and its crop
 Gaussian alone, with standard-normal latents (no Glow), into a mock store that ``lensflow.validate`` reads.
@@ -24,6 +25,10 @@ log C_ℓ in the three highest ℓ bins and the mean and std of the per-map skew
 ``moments``: why the per-map moments' correlation matrix fails. From ``validate`` output folders (their stats.h5),
 each set's correlation of the per-map variance with the skewness and with the excess kurtosis (a massive halo raises
 all three), with box-bootstrap standard errors where the set's store records boxes, and the mean within one box.
+``radii``: are the model's latents whitened on held-out maps as a whole, level by level? Per latent (finest split
+first, top last), the std of ``|z|²/D`` over maps against a χ² variable's ``sqrt(2/D)``, and the correlation matrix of
+the latents' log radii across levels (0 under the model): a map whose power at every scale moves together shows as
+over-dispersed, correlated radii (what ``model.amplitude_levels`` couples).
 ``pipelines/nbody.sh`` runs the whole sequence.
 """
 
@@ -230,6 +235,27 @@ def cmd_moments(a: argparse.Namespace) -> None:
     write_json(a.out, out, indent=2)
 
 
+def cmd_radii(a: argparse.Namespace) -> None:
+    model = KappaFlow.load(a.ckpt)
+    st = open_store(a.maps)
+    idx = np.sort(np.random.default_rng(a.seed).choice(len(st), min(a.n, len(st)), replace=False))
+    sq: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for lo in range(0, idx.size, 250):
+            zs, _ = model.glow_ema(torch.as_tensor(st.read(idx[lo : lo + 250])))
+            sq.append([z.double().pow(2).flatten(1).sum(1).numpy() for z in zs])
+    dims = [int(np.prod(s)) for s in model.glow_ema.latent_shapes]
+    q = [np.concatenate([b[i] for b in sq]) for i in range(len(dims))]
+    rows = {
+        "latent_shapes": [list(s) for s in model.glow_ema.latent_shapes],
+        "dispersion": [float((qi / d).std(ddof=1) / math.sqrt(2 / d)) for qi, d in zip(q, dims, strict=True)],
+        "log_radius_corr": np.corrcoef(np.log(np.stack(q))).round(4).tolist(),
+        "n_maps": int(idx.size),
+    }
+    write_json(a.out, rows, indent=2)
+    print(json.dumps(rows))
+
+
 def cmd_halves(a: argparse.Namespace) -> None:
     """Two stores of disjoint boxes (even and odd realization ids) for the simulations-against-simulations control."""
     st = open_store(a.store)
@@ -311,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--n-boot", type=int, default=1000)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True)
+    r = sub.add_parser("radii")
+    r.add_argument("--ckpt", required=True)
+    r.add_argument("--maps", required=True)
+    r.add_argument("--n", type=int, default=2000)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True)
     f = sub.add_parser("perbin")
     f.add_argument("--summaries", nargs="+", required=True)
     f.add_argument("--labels", nargs="+", required=True)
@@ -325,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
             "perbin": cmd_perbin,
             "spread": cmd_spread,
             "moments": cmd_moments,
+            "radii": cmd_radii,
         }[a.cmd](a)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

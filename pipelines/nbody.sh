@@ -4,7 +4,7 @@
 # held-out boxes, beside the simulations-against-simulations control; then the held-out bits/pixel of both and the
 # simulator's own figures (C_ℓ against halofit, rank-Gaussianized peaks, box inflation). docs/nbody.md has the
 # figures of one run.
-#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~7 h on 2 CPU cores, 5 of them the step-7 ablations)
+#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~8 h on 2 CPU cores, 6 of them the step-7 ablations)
 set -euo pipefail
 run=${1:-runs/nbody}
 mkdir -p "$run"
@@ -53,8 +53,12 @@ for name in ('heldout', 'mocks', 'gaussian_part'):
 python pipelines/nbody.py spread --ckpt "$ckpt" --train "$train_store" --heldout "$run/heldout.h5" --out "$run/spread.json"
 # the per-map moments' correlations (variance with skewness and kurtosis), box-bootstrapped, in each set
 python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validate_sims" --out "$run/moments.json"
-old="model.split_hidden=0 data.simulate.sim.n_boxes=16"   # the config's 1,200 steps unless a variant says
-for variant in "trainer.max_steps=2400" "model.levels=5" "model.split_hidden=0" "$old" "$old model.shift_scale=1.0" \
+# are the latents whitened as a whole on held-out maps? per-level radius spread and cross-level correlation
+python pipelines/nbody.py radii --ckpt "$ckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/radii.json"
+old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"   # 1,200 steps unless said
+for variant in "model.amplitude_levels=0" "model.amplitude_levels=4" "seed=1" "model.amplitude_levels=0 seed=1" \
+  "model.amplitude_levels=0 trainer.max_steps=2400" "model.amplitude_levels=0 model.levels=5" \
+  "model.amplitude_levels=0 model.split_hidden=0" "$old" "$old model.shift_scale=1.0" \
   "$old model.shift_scale=1.0 trainer.max_steps=3000" "$old model.shift_scale=2.0" \
   "$old model.shift_scale=1.0 model.steps=16 trainer.max_steps=2500"; do
   tag=$(echo "$variant" | tr ' =' '_-')

@@ -29,18 +29,20 @@ def _train(glow: Glow, x: torch.Tensor, cond: torch.Tensor | None, steps: int, l
 
 # -- exact log-determinant -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("channels", "cond_dim", "coupling", "split_hidden"),
+    ("channels", "cond_dim", "coupling", "split_hidden", "amplitude"),
     [
-        (1, 0, "affine", 0),
-        (1, 3, "affine", 0),
-        (2, 0, "affine", 0),
-        (2, 3, "affine", 0),
-        (1, 3, "spline", 0),
-        (2, 0, "spline", 0),
-        (1, 3, "affine", 8),
+        (1, 0, "affine", 0, 0),
+        (1, 3, "affine", 0, 0),
+        (2, 0, "affine", 0, 0),
+        (2, 3, "affine", 0, 0),
+        (1, 3, "spline", 0, 0),
+        (2, 0, "spline", 0, 0),
+        (1, 3, "affine", 8, 0),
+        (1, 3, "affine", 8, 2),
+        (2, 0, "affine", 0, 1),
     ],
 )
-def test_logdet_matches_brute_force_jacobian(channels, cond_dim, coupling, split_hidden):
+def test_logdet_matches_brute_force_jacobian(channels, cond_dim, coupling, split_hidden, amplitude):
     padding = "zero" if channels == 1 else "circular"
     pre = Preprocess(channels, log_shift=True)
     glow = Glow(
@@ -55,6 +57,7 @@ def test_logdet_matches_brute_force_jacobian(channels, cond_dim, coupling, split
         init_seed=0,
         coupling=coupling,
         split_hidden=split_hidden,
+        amplitude_levels=amplitude,
     )
     glow = glow.double()
     data = _lognormal_maps(18, channels, 8, seed=channels)
@@ -86,11 +89,14 @@ def test_logdet_matches_brute_force_jacobian(channels, cond_dim, coupling, split
     ref = sum(stats.norm.logpdf(z.detach().numpy()).sum(axis=(1, 2, 3)) for z in zs) + logdet.detach().numpy()
     lp = glow.log_prob(x, None if cond is None else cond[16:]).detach().numpy()
     np.testing.assert_allclose(lp, ref, rtol=1e-10)
-    if split_hidden:  # the split priors' networks rebuild from the config
+    if split_hidden or amplitude:  # the split priors' networks and the amplitude layer rebuild from the config
         again = Glow.from_config(glow.config).double()
         again.load_state_dict(glow.state_dict())
-        assert again.config["split_hidden"] == split_hidden
-        np.testing.assert_array_equal(again.log_prob(x, cond[16:]).detach().numpy(), lp)
+        assert again.config["split_hidden"] == split_hidden and again.config["amplitude_levels"] == amplitude
+        np.testing.assert_array_equal(again.log_prob(x, None if cond is None else cond[16:]).detach().numpy(), lp)
+    if amplitude:  # decode inverts the amplitude layer too
+        back = glow.decode([z.detach() for z in zs], None if cond is None else cond[16:])
+        torch.testing.assert_close(back, x, rtol=0, atol=1e-10)
 
 
 # -- exact densities ---------------------------------------------------------------------------------------------
@@ -318,6 +324,8 @@ def test_sample_noise_order_temperature_and_batch_independence():
         ({"spline_tail_bound": 0.0}, "spline_tail_bound"),
         ({"prior_bound": -1.0}, "prior_bound"),
         ({"split_hidden": -1}, "split_hidden"),
+        ({"amplitude_levels": -1}, "amplitude_levels"),
+        ({"amplitude_levels": 3}, "^amplitude_levels must be at most levels = 2, got 3$"),
         ({"levels": 2.0}, "levels"),
     ],
 )

@@ -282,6 +282,20 @@ def test_the_coupling_is_a_model_setting_that_an_export_keeps(tmp_path):
     wide = _module(split_hidden=8)  # split priors with a network: kept by an export too
     assert wide.glow.splits[0].hidden == 8 and _module().glow.splits[0].hidden == 0
     assert KappaFlow.load(wide.save(tmp_path / "w.pt")).glow.config["split_hidden"] == 8
+    with pytest.raises(ValueError, match="model.amplitude_levels"):
+        _module(amplitude_levels=-1)
+    with pytest.raises(ValueError, match="model.amplitude_levels must be at most model.levels"):
+        _module(amplitude_levels=9)
+    amp = _module(amplitude_levels=2)  # the amplitude layer over all levels' latents: kept by an export too
+    assert amp.glow.amplitude is not None and _module().glow.amplitude is None
+    with torch.no_grad():
+        for g in (amp.glow, amp.glow_ema):
+            g.amplitude.lower.fill_(0.05)
+            g.amplitude.log_diag.fill_(-0.02)
+    again = KappaFlow.load(amp.save(tmp_path / "a.pt"))
+    assert again.glow.config["amplitude_levels"] == 2
+    noise = torch.randn(2, 256, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(again.sample(2, noise=noise), amp.sample(2, noise=noise))
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Log-dets are in nats and accumulated in float32 (float64 for float64 inputs), al
 """
 
 from .actnorm import ActNorm
+from .amplitude import LatentAmplitude
 from .coupling import AffineCoupling
 from .glow import Glow
 from .invconv import InvConv1x1
@@ -23,6 +24,7 @@ __all__ = [
     "FlowStep",
     "Glow",
     "InvConv1x1",
+    "LatentAmplitude",
     "Preprocess",
     "SplineCoupling",
     "Split",

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import acc_dtype, check_coupling, check_padding, check_positive_int, check_positive_number
+from .amplitude import LatentAmplitude
 from .crop_gaussian import CropGaussian
 from .preprocess import Preprocess
 from .spline import MAX_BINS
@@ -32,7 +33,9 @@ class Glow(nn.Module):
     ``levels`` levels, ``Squeeze`` (2x2 ->
     4C), ``steps`` x ``FlowStep`` (ActNorm, LU 1x1 conv, affine or spline coupling) and, except at the last level,
     a ``Split`` that factors out half of the channels whitened by a Gaussian prior conditioned on the
-    kept half (and on ``cond``). The last level's output is whitened by a learned ``TopPrior``.
+    kept half (and on ``cond``). The last level's output is whitened by a learned ``TopPrior``. With
+    ``amplitude_levels = k > 0``, a :class:`~lensflow.flows.amplitude.LatentAmplitude` then couples the radii of the
+    ``k`` coarsest whitened latents (a map's power on those scales moving together).
 
     Latents: ``encode`` returns ``zs``, one tensor per level, finest first (the split-off halves of levels
     1..L-1, then the top). Each is whitened, i.e. i.i.d. standard normal under the model, so
@@ -65,6 +68,9 @@ class Glow(nn.Module):
         prior_bound: prior log-standard-deviations are soft-clamped to ``(-prior_bound, prior_bound)``.
         split_hidden: width of the split priors' networks (:class:`~lensflow.flows.split.Split`; 0: a linear 3x3
             convolution of the kept half, as openai/glow and every model saved before the choice existed).
+        amplitude_levels: end with a :class:`~lensflow.flows.amplitude.LatentAmplitude` over the radii of the
+            whitened latents of the coarsest this many levels, the top included (at most ``levels``; 0: independent
+            levels, as every model saved before the choice existed).
         learn_top_prior: learn a per-channel mean / log-std for the top latent (else standard normal, plus
             the ``cond`` term when conditional).
         init_seed: if given, parameters are initialised from this seed without touching torch's global RNG;
@@ -96,6 +102,7 @@ class Glow(nn.Module):
         spline_tail_bound: float = 5.0,
         prior_bound: float = 5.0,
         split_hidden: int = 0,
+        amplitude_levels: int = 0,
         learn_top_prior: bool = True,
         init_seed: int | None = None,
         stationary: bool = False,
@@ -124,6 +131,8 @@ class Glow(nn.Module):
         if not prior_bound > 0:
             raise ValueError(f"prior_bound must be > 0, got {prior_bound!r}")
         check_positive_int("split_hidden", split_hidden, minimum=0)
+        if check_positive_int("amplitude_levels", amplitude_levels, minimum=0) > levels:
+            raise ValueError(f"amplitude_levels must be at most levels = {levels}, got {amplitude_levels}")
         if preprocess is None:
             preprocess = Preprocess(in_channels)
         elif not isinstance(preprocess, Preprocess):
@@ -148,6 +157,7 @@ class Glow(nn.Module):
         self.spline_tail_bound = float(spline_tail_bound)
         self.prior_bound = float(prior_bound)
         self.split_hidden = int(split_hidden)
+        self.amplitude_levels = int(amplitude_levels)
         self.learn_top_prior = bool(learn_top_prior)
         self.stationary_knots = int(stationary_knots)
         self.stationary_low_modes = int(stationary_low_modes)
@@ -207,6 +217,8 @@ class Glow(nn.Module):
         self.splits = nn.ModuleList(splits)
         self.top_prior = TopPrior(c, self.cond_dim, self.learn_top_prior, self.prior_bound)
         self._latent_shapes = tuple(shapes)
+        k = self.amplitude_levels
+        self.amplitude = LatentAmplitude([a * b * d for a, b, d in shapes[-k:]], self.cond_dim) if k else None
 
     # -- description --------------------------------------------------------------------------------------
     @property
@@ -237,6 +249,7 @@ class Glow(nn.Module):
             "spline_tail_bound": self.spline_tail_bound,
             "prior_bound": self.prior_bound,
             "split_hidden": self.split_hidden,
+            "amplitude_levels": self.amplitude_levels,
             "learn_top_prior": self.learn_top_prior,
             "stationary": self.stationary is not None,
             "stationary_knots": self.stationary_knots,
@@ -350,7 +363,13 @@ class Glow(nn.Module):
                 logdet = logdet + ld
         z, ld = self.top_prior(h, cond)
         zs.append(z)
-        return zs, logdet + ld
+        logdet = logdet + ld
+        if self.amplitude is not None:
+            k = self.amplitude_levels
+            coarse, ld = self.amplitude(zs[-k:], cond)
+            zs = zs[:-k] + coarse
+            logdet = logdet + ld
+        return zs, logdet
 
     def encode(self, x: Tensor, cond: Tensor | None = None) -> list[Tensor]:
         """Whitened latents of ``x``, finest split first (see class docstring)."""
@@ -386,6 +405,9 @@ class Glow(nn.Module):
                     f"zs[{i}] must have shape [{batch}, {shape[0]}, {shape[1]}, {shape[2]}], got {tuple(z.shape)}"
                 )
         cond = self._check_cond(cond, batch)
+        if self.amplitude is not None:
+            k = self.amplitude_levels
+            zs = [*zs[:-k], *self.amplitude.inverse(zs[-k:], cond)]
         h = self.top_prior.inverse(zs[-1], cond)
         for i in range(self.num_levels - 1, -1, -1):
             if i < self.num_levels - 1:

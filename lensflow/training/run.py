@@ -52,6 +52,7 @@ _ARCH_KEYS = (
     "spline_tail_bound",
     "prior_bound",
     "split_hidden",
+    "amplitude_levels",
     "learn_top_prior",
 )
 _FINAL_SEED_OFFSET = 1_000_003  # the final check's latents differ from every in-training check's
