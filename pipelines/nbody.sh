@@ -47,9 +47,10 @@ for name in ('heldout', 'mocks', 'gaussian_part'):
     print(name, 'rank-Gaussianized peaks: max |z| =', round(r['max_abs_z'], 1))
 "
 
-# 7. what limits the whole model (docs/nbody.md, "What limits it"): the Gaussian part's small-scale spread against the
-#    shift of the log, then the ablations, trained and validated like the model above: each takes one of its choices
-#    back (the linear split priors, 16 boxes of 750 maps, the maximum-likelihood shift), and the other variants
+# 7. what it took and what limits it (docs/nbody.md): the Gaussian part's small-scale spread against the shift of the
+#    log, the latents' radii, then the ablations, trained and validated like the model above: each takes one of its
+#    choices back (the amplitude layer, the linear split priors, 16 boxes of 750 maps, the maximum-likelihood shift),
+#    a second training seed, and the other variants
 python pipelines/nbody.py spread --ckpt "$ckpt" --train "$train_store" --heldout "$run/heldout.h5" --out "$run/spread.json"
 # the per-map moments' correlations (variance with skewness and kurtosis), box-bootstrapped, in each set
 python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validate_sims" --out "$run/moments.json"
