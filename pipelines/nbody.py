@@ -39,6 +39,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,11 +68,16 @@ def cmd_gaussian_part(a: argparse.Namespace) -> None:
     print(f"wrote {a.n} Gaussian-part maps to {a.out}")
 
 
-def cmd_bits(a: argparse.Namespace) -> None:
-    model = KappaFlow.load(a.ckpt)
+def _scored_maps(a: argparse.Namespace) -> tuple[Any, np.ndarray]:
+    """The store of ``--maps`` and a seeded random subset of at most ``--n`` of its ``--split`` maps (sorted)."""
     st = open_store(a.maps)
     pool = st.indices(a.split)
-    idx = np.sort(np.random.default_rng(a.seed).choice(pool, min(a.n, pool.size), replace=False))
+    return st, np.sort(np.random.default_rng(a.seed).choice(pool, min(a.n, pool.size), replace=False))
+
+
+def cmd_bits(a: argparse.Namespace) -> None:
+    model = KappaFlow.load(a.ckpt)
+    st, idx = _scored_maps(a)
     gp, full = [], []
     for lo in range(0, idx.size, 250):
         maps = st.read(idx[lo : lo + 250])
@@ -237,8 +243,7 @@ def cmd_moments(a: argparse.Namespace) -> None:
 
 def cmd_radii(a: argparse.Namespace) -> None:
     model = KappaFlow.load(a.ckpt)
-    st = open_store(a.maps)
-    idx = np.sort(np.random.default_rng(a.seed).choice(len(st), min(a.n, len(st)), replace=False))
+    st, idx = _scored_maps(a)
     sq: list[list[np.ndarray]] = []
     with torch.no_grad():
         for lo in range(0, idx.size, 250):
@@ -308,13 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--n", type=int, default=4000)
     g.add_argument("--seed", type=int, default=5000)
     g.add_argument("--out", required=True)
-    b = sub.add_parser("bits")
-    b.add_argument("--ckpt", required=True)
-    b.add_argument("--maps", required=True)
-    b.add_argument("--n", type=int, default=2000)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--split", default=None, help="train/val/test (default: every map); train vs test shows overfitting")
-    b.add_argument("--out", required=True)
+    for name in ("bits", "radii"):  # both score a model on a seeded subset of a store's maps
+        b = sub.add_parser(name)
+        b.add_argument("--ckpt", required=True)
+        b.add_argument("--maps", required=True)
+        b.add_argument("--n", type=int, default=2000)
+        b.add_argument("--seed", type=int, default=0)
+        b.add_argument("--split", default=None, help="train/val/test (default: every map); train vs test: overfitting")
+        b.add_argument("--out", required=True)
     s = sub.add_parser("sims")
     s.add_argument("--train", required=True)
     s.add_argument("--heldout", required=True)
@@ -337,12 +343,6 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--n-boot", type=int, default=1000)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True)
-    r = sub.add_parser("radii")
-    r.add_argument("--ckpt", required=True)
-    r.add_argument("--maps", required=True)
-    r.add_argument("--n", type=int, default=2000)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", required=True)
     f = sub.add_parser("perbin")
     f.add_argument("--summaries", nargs="+", required=True)
     f.add_argument("--labels", nargs="+", required=True)
