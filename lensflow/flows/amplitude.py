@@ -47,22 +47,24 @@ class LatentAmplitude(nn.Module):
         n = len(self.dims)
         self.shift = nn.Parameter(torch.zeros(n))
         self.log_diag = nn.Parameter(torch.zeros(n))
-        self.lower = nn.Parameter(torch.zeros(n, n))  # only the strictly lower triangle is used
+        self.lower = nn.Parameter(torch.zeros(n * (n - 1) // 2))  # M's strictly lower triangle, row by row
         if cond_dim:
             self.cond_proj = nn.Linear(cond_dim, n)
             nn.init.zeros_(self.cond_proj.weight)
             nn.init.zeros_(self.cond_proj.bias)
 
-    def _chi_log_moments(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Mean and standard deviation of ``log|z|`` for a ``D``-dimensional standard normal, per latent (float64):
-        ``(ψ(D/2) + log 2) / 2`` and ``sqrt(ψ'(D/2)) / 2`` (computed on each call: no dtype cast of the module alters
-        them)."""
-        half = torch.tensor(self.dims, dtype=torch.float64, device=device) / 2
-        return (torch.special.digamma(half) + math.log(2.0)) / 2, torch.special.polygamma(1, half).sqrt() / 2
+    def _chi_log_moments(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(D, mean, sd)`` per latent (float64): ``log|z|`` of a ``D``-dimensional standard normal has mean
+        ``(ψ(D/2) + log 2) / 2`` and standard deviation ``sqrt(ψ'(D/2)) / 2`` (computed on each call: no dtype cast of
+        the module alters them)."""
+        d = torch.tensor(self.dims, dtype=torch.float64, device=device)
+        return d, (torch.special.digamma(d / 2) + math.log(2.0)) / 2, torch.special.polygamma(1, d / 2).sqrt() / 2
 
     def _matrix(self) -> Tensor:
-        m = torch.tril(self.lower, diagonal=-1) * self.gain
-        return (m + torch.diag(torch.exp(self.log_diag * self.gain))).to(torch.float64)
+        n = len(self.dims)
+        m = torch.diag(torch.exp(self.log_diag.to(torch.float64) * self.gain))
+        rows, cols = torch.tril_indices(n, n, offset=-1, device=m.device)
+        return m.index_put((rows, cols), self.lower.to(torch.float64) * self.gain)
 
     def _offset(self, cond: Tensor | None, batch: int) -> Tensor:
         b = (self.shift * self.gain).to(torch.float64).expand(batch, -1)
@@ -94,12 +96,11 @@ class LatentAmplitude(nn.Module):
         with no_autocast(zs[0]):
             u = self._log_radii(zs)
             m = self._matrix()
-            centre, spread = self._chi_log_moments(u.device)
+            d, centre, spread = self._chi_log_moments(u.device)
             v = (u - centre) / spread
             u_new = centre + (v @ m.T + self._offset(cond, u.shape[0])) * spread
             du = u_new - u
-            d = torch.tensor(self.dims, dtype=torch.float64, device=u.device)
-            logdet = (du * d).sum(1) + torch.log(torch.diagonal(m)).sum()
+            logdet = (du * d).sum(1) + self.log_diag.to(torch.float64).sum() * self.gain  # Σ log M_ll
         return self._rescale(zs, du), logdet.to(acc_dtype(zs[0]))
 
     def inverse(self, zs: Sequence[Tensor], cond: Tensor | None = None) -> list[Tensor]:
@@ -107,7 +108,7 @@ class LatentAmplitude(nn.Module):
         with no_autocast(zs[0]):
             u_new = self._log_radii(zs)
             m = self._matrix()
-            centre, spread = self._chi_log_moments(u_new.device)
+            _, centre, spread = self._chi_log_moments(u_new.device)
             rhs = (u_new - centre) / spread - self._offset(cond, u_new.shape[0])
             v = torch.linalg.solve_triangular(m, rhs.T, upper=False).T
             u = centre + v * spread
