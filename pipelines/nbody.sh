@@ -4,7 +4,7 @@
 # held-out boxes, beside the simulations-against-simulations control; then the held-out bits/pixel of both and the
 # simulator's own figures (C_ℓ against halofit, rank-Gaussianized peaks, box inflation). docs/nbody.md has the
 # figures of one run.
-#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~8 h on 2 CPU cores, 6 of them the step-7 ablations)
+#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~9 h on 2 CPU cores, 7 of them the step-7 ablations)
 set -euo pipefail
 run=${1:-runs/nbody}
 mkdir -p "$run"
@@ -49,19 +49,21 @@ for name in ('heldout', 'mocks', 'gaussian_part'):
 
 # 7. what it took and what limits it (docs/nbody.md): the Gaussian part's small-scale spread against the shift of the
 #    log, the latents' radii, then the ablations, trained and validated like the model above: each takes one of its
-#    choices back (the amplitude layer, the linear split priors, 16 boxes of 750 maps, the maximum-likelihood shift),
-#    a second training seed, and the other variants
+#    choices back (12 steps per level, the amplitude layer, the linear split priors, 16 boxes of 750 maps, the
+#    maximum-likelihood shift), two more training seeds of the config and of 8 steps, and the other variants
 python pipelines/nbody.py spread --ckpt "$ckpt" --train "$train_store" --heldout "$run/heldout.h5" --out "$run/spread.json"
 # the per-map moments' correlations (variance with skewness and kurtosis), box-bootstrapped, in each set
 python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validate_sims" --out "$run/moments.json"
 # are the latents whitened as a whole on held-out maps? per-level radius spread and cross-level correlation
 python pipelines/nbody.py radii --ckpt "$ckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/radii.json"
-old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"   # 1,200 steps unless said
-for variant in "model.amplitude_levels=0" "model.amplitude_levels=4" "seed=1" "model.amplitude_levels=0 seed=1" \
-  "model.amplitude_levels=0 trainer.max_steps=2400" "model.amplitude_levels=0 model.levels=5" \
-  "model.amplitude_levels=0 model.split_hidden=0" "$old" "$old model.shift_scale=1.0" \
-  "$old model.shift_scale=1.0 trainer.max_steps=3000" "$old model.shift_scale=2.0" \
-  "$old model.shift_scale=1.0 model.steps=16 trainer.max_steps=2500"; do
+eight="model.steps=8"   # the previous depth: the ablations below were measured at it, 1,200 steps unless said
+old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"
+for variant in "seed=1" "seed=2" "$eight" "$eight seed=1" "$eight seed=2" \
+  "$eight model.amplitude_levels=0" "$eight model.amplitude_levels=4" "$eight model.amplitude_levels=0 seed=1" \
+  "$eight model.shift_scale=1.75 seed=1" "$eight model.amplitude_levels=0 trainer.max_steps=2400" \
+  "$eight model.amplitude_levels=0 model.levels=5" "$eight model.amplitude_levels=0 model.split_hidden=0" \
+  "$eight $old" "$eight $old model.shift_scale=1.0" "$eight $old model.shift_scale=1.0 trainer.max_steps=3000" \
+  "$eight $old model.shift_scale=2.0" "$old model.shift_scale=1.0 model.steps=16 trainer.max_steps=2500"; do
   tag=$(echo "$variant" | tr ' =' '_-')
   # shellcheck disable=SC2086
   python -m lensflow.train +experiment=kappa_nbody_cpu $variant paths.root="$run" name="v_$tag"
