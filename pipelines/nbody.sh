@@ -58,7 +58,7 @@ python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validat
 python pipelines/nbody.py radii --ckpt "$ckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/radii.json"
 eight="model.steps=8"   # the previous depth: the ablations below were measured at it, 1,200 steps unless said
 old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"
-for variant in "seed=1" "seed=2" "$eight" "$eight seed=1" "$eight seed=2" \
+for variant in "seed=1" "seed=2" "seed=3" "$eight" "$eight seed=1" "$eight seed=2" \
   "$eight model.amplitude_levels=0" "$eight model.amplitude_levels=4" "$eight model.amplitude_levels=0 seed=1" \
   "$eight model.shift_scale=1.75 seed=1" "$eight model.amplitude_levels=0 trainer.max_steps=2400" \
   "$eight model.amplitude_levels=0 model.levels=5" "$eight model.amplitude_levels=0 model.split_hidden=0" \
