@@ -4,7 +4,7 @@
 # held-out boxes, beside the simulations-against-simulations control; then the held-out bits/pixel of both and the
 # simulator's own figures (C_ℓ against halofit, rank-Gaussianized peaks, box inflation). docs/nbody.md has the
 # figures of one run.
-#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~9 h on 2 CPU cores, 7 of them the step-7 ablations)
+#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~11.5 h on 2 CPU cores, 9.5 of them the step-7 ablations)
 set -euo pipefail
 run=${1:-runs/nbody}
 mkdir -p "$run"
@@ -24,10 +24,15 @@ python -m lensflow.generate ckpt="$ckpt" n_maps=4000 seed=1 out="$run/mocks.h5" 
 python pipelines/nbody.py gaussian-part --ckpt "$ckpt" --n 4000 --out "$run/gaussian_part.h5"
 
 # 4. validate against the held-out boxes (exit 1 = FAIL is a result here, not an error)
+# (memorization.training: the mocks are checked against the training maps, which the held-out store does not hold)
 for cand in mocks gaussian_part; do
   python -m lensflow.validate reference="$run/heldout.h5" reference_split=all candidate="$run/$cand.h5" \
-    out="$run/validate_$cand" max_maps=4000 overwrite=true progress=false || true
+    out="$run/validate_$cand" max_maps=4000 overwrite=true progress=false memorization.training="$train_store" || true
 done
+# control: the training maps themselves against the held-out boxes (a perfect emulator of the training set)
+python -m lensflow.validate reference="$run/heldout.h5" reference_split=all candidate="$train_store" \
+  candidate_split=train out="$run/validate_training_maps" max_maps=4000 overwrite=true progress=false \
+  memorization.enabled=false || true
 # control: simulations against simulations, the held-out store's even boxes against its odd boxes (20 and 20)
 python pipelines/nbody.py halves --store "$run/heldout.h5" --out-even "$run/even.h5" --out-odd "$run/odd.h5"
 python -m lensflow.validate reference="$run/even.h5" reference_split=all candidate="$run/odd.h5" \
@@ -50,7 +55,9 @@ for name in ('heldout', 'mocks', 'gaussian_part'):
 # 7. what it took and what limits it (docs/nbody.md): the Gaussian part's small-scale spread against the shift of the
 #    log, the latents' radii, then the ablations, trained and validated like the model above: each takes one of its
 #    choices back (12 steps per level, the amplitude layer, the linear split priors, 16 boxes of 750 maps, the
-#    maximum-likelihood shift), two more training seeds of the config and of 8 steps, and the other variants
+#    maximum-likelihood shift), three more training seeds of the config and two of 8 steps, 16 steps, the amplitude
+#    layer over 2 or 4 levels and with larger shifts (the C_ℓ spread-against-correlation trade), twice the training
+#    steps, and the other variants
 python pipelines/nbody.py spread --ckpt "$ckpt" --train "$train_store" --heldout "$run/heldout.h5" --out "$run/spread.json"
 # the per-map moments' correlations (variance with skewness and kurtosis), box-bootstrapped, in each set
 python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validate_sims" --out "$run/moments.json"
@@ -58,7 +65,9 @@ python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validat
 python pipelines/nbody.py radii --ckpt "$ckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/radii.json"
 eight="model.steps=8"   # the previous depth: the ablations below were measured at it, 1,200 steps unless said
 old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"
-for variant in "seed=1" "seed=2" "seed=3" "$eight" "$eight seed=1" "$eight seed=2" \
+for variant in "seed=1" "seed=2" "seed=3" "model.steps=16" "model.amplitude_levels=4" "model.amplitude_levels=2" \
+  "model.shift_scale=1.75" "model.amplitude_levels=4 model.shift_scale=1.75" \
+  "model.amplitude_levels=4 model.shift_scale=2.0" "trainer.max_steps=2400" "$eight" "$eight seed=1" "$eight seed=2" \
   "$eight model.amplitude_levels=0" "$eight model.amplitude_levels=4" "$eight model.amplitude_levels=0 seed=1" \
   "$eight model.shift_scale=1.75 seed=1" "$eight model.amplitude_levels=0 trainer.max_steps=2400" \
   "$eight model.amplitude_levels=0 model.levels=5" "$eight model.amplitude_levels=0 model.split_hidden=0" \
@@ -70,6 +79,6 @@ for variant in "seed=1" "seed=2" "seed=3" "$eight" "$eight seed=1" "$eight seed=
   vckpt=$(ls -t "$run"/outputs/train/"v_$tag"/*/checkpoints/best.ckpt | head -1)
   python -m lensflow.generate ckpt="$vckpt" n_maps=4000 seed=1 out="$run/mocks_$tag.h5" overwrite=true
   python -m lensflow.validate reference="$run/heldout.h5" reference_split=all candidate="$run/mocks_$tag.h5" \
-    out="$run/validate_$tag" max_maps=4000 overwrite=true progress=false || true
+    out="$run/validate_$tag" max_maps=4000 overwrite=true progress=false memorization.training="$train_store" || true
   python pipelines/nbody.py bits --ckpt "$vckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/bits_$tag.json"
 done
