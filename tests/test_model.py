@@ -307,7 +307,13 @@ def test_the_coupling_is_a_model_setting_that_an_export_keeps(tmp_path):
 FIXTURE = Path(__file__).parent / "data" / "lensflow-0.1-cond.ckpt"
 
 
-def test_a_lensflow_0_1_checkpoint_loads_and_draws_the_same_maps_bit_for_bit():
+def _close_to_float32_rounding(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to float32 rounding: the fixture was drawn on another CPU, and torch's kernels differ in their last
+    bits by instruction set (AVX2 or AVX-512 here). A wrong weight or layer order changes the maps at order 1."""
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))
+
+
+def test_a_lensflow_0_1_checkpoint_loads_and_draws_the_same_maps():
     from lensflow.emulator import Emulator
 
     want = np.load(FIXTURE.with_suffix(".npz"))
@@ -315,10 +321,12 @@ def test_a_lensflow_0_1_checkpoint_loads_and_draws_the_same_maps_bit_for_bit():
     emu = Emulator.load(FIXTURE, device="cpu")
     cond = {"Omega_m": [0.25, 0.3, 0.35], "sigma_8": 0.8}
     maps = emu.sample(3, cond=cond, seed=11)
-    np.testing.assert_array_equal(maps, want["samples"])
-    np.testing.assert_array_equal(emu.log_prob(maps, cond=cond), want["log_prob"])
+    _close_to_float32_rounding(maps, want["samples"])
+    np.testing.assert_allclose(emu.log_prob(want["samples"], cond=cond), want["log_prob"], rtol=1e-5)
     direct = emu.model.sample(2, cond=[0.3, 0.8], generator=torch.Generator().manual_seed(5)).numpy()
-    np.testing.assert_array_equal(direct, want["module_samples"])
+    _close_to_float32_rounding(direct, want["module_samples"])
+    # on one machine the same seed gives the same maps, bit for bit
+    np.testing.assert_array_equal(emu.sample(3, cond=cond, seed=11), maps)
     if not Path(emu.store).exists():  # its training store is gone: no box to refuse conditions by
         assert emu.training_box is None
 
