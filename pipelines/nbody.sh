@@ -4,7 +4,7 @@
 # held-out boxes, beside the simulations-against-simulations control; then the held-out bits/pixel of both and the
 # simulator's own figures (C_ℓ against halofit, rank-Gaussianized peaks, box inflation). docs/nbody.md has the
 # figures of one run.
-#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~11.5 h on 2 CPU cores, 9.5 of them the step-7 ablations)
+#   bash pipelines/nbody.sh [RUN_DIR]          (default runs/nbody; ~13 h on 2 CPU cores, 11 of them the step-7 ablations)
 set -euo pipefail
 run=${1:-runs/nbody}
 mkdir -p "$run"
@@ -63,16 +63,23 @@ python pipelines/nbody.py spread --ckpt "$ckpt" --train "$train_store" --heldout
 python pipelines/nbody.py moments --validate "$run/validate_mocks" "$run/validate_sims" --out "$run/moments.json"
 # are the latents whitened as a whole on held-out maps? per-level radius spread and cross-level correlation
 python pipelines/nbody.py radii --ckpt "$ckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/radii.json"
-eight="model.steps=8"   # the previous depth: the ablations below were measured at it, 1,200 steps unless said
+# where the mocks' small-scale spread comes from: band powers, their correlations, and the finest latent's radius
+python pipelines/nbody.py bands --ckpt "$ckpt" --maps "$run/heldout.h5" --mocks "$run/mocks.h5" --n 2000 \
+  --out "$run/bands.json"
+short="trainer.max_steps=1200"   # the previous config's training length: the rows below with it were measured there
+eight="model.steps=8"            # the previous depth: the ablations below were measured at it, 1,200 steps unless said
 old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"
-for variant in "seed=1" "seed=2" "seed=3" "model.steps=16" "model.amplitude_levels=4" "model.amplitude_levels=2" \
-  "model.shift_scale=1.75" "model.amplitude_levels=4 model.shift_scale=1.75" \
-  "model.amplitude_levels=4 model.shift_scale=2.0" "trainer.max_steps=2400" "$eight" "$eight seed=1" "$eight seed=2" \
-  "$eight model.amplitude_levels=0" "$eight model.amplitude_levels=4" "$eight model.amplitude_levels=0 seed=1" \
-  "$eight model.shift_scale=1.75 seed=1" "$eight model.amplitude_levels=0 trainer.max_steps=2400" \
-  "$eight model.amplitude_levels=0 model.levels=5" "$eight model.amplitude_levels=0 model.split_hidden=0" \
-  "$eight $old" "$eight $old model.shift_scale=1.0" "$eight $old model.shift_scale=1.0 trainer.max_steps=3000" \
-  "$eight $old model.shift_scale=2.0" "$old model.shift_scale=1.0 model.steps=16 trainer.max_steps=2500"; do
+for variant in "seed=1" "seed=2" "seed=3" "$short" "$short seed=1" "$short seed=2" "$short seed=3" \
+  "$short model.steps=16" "$short model.amplitude_levels=4" "$short model.amplitude_levels=2" \
+  "$short model.shift_scale=1.75" "$short model.amplitude_levels=4 model.shift_scale=1.75" \
+  "$short model.amplitude_levels=4 model.shift_scale=2.0" "$short model.shift_scale=2.0" "$short model.shift_scale=2.5" \
+  "$short $eight" "$short $eight seed=1" "$short $eight seed=2" \
+  "$short $eight model.amplitude_levels=0" "$short $eight model.amplitude_levels=4" \
+  "$short $eight model.amplitude_levels=0 seed=1" "$short $eight model.shift_scale=1.75 seed=1" \
+  "$eight model.amplitude_levels=0" "$short $eight model.amplitude_levels=0 model.levels=5" \
+  "$short $eight model.amplitude_levels=0 model.split_hidden=0" "$short $eight $old" \
+  "$short $eight $old model.shift_scale=1.0" "$eight $old model.shift_scale=1.0 trainer.max_steps=3000" \
+  "$short $eight $old model.shift_scale=2.0" "$old model.shift_scale=1.0 model.steps=16 trainer.max_steps=2500"; do
   tag=$(echo "$variant" | tr ' =' '_-')
   # shellcheck disable=SC2086
   python -m lensflow.train +experiment=kappa_nbody_cpu $variant paths.root="$run" name="v_$tag"
@@ -81,4 +88,6 @@ for variant in "seed=1" "seed=2" "seed=3" "model.steps=16" "model.amplitude_leve
   python -m lensflow.validate reference="$run/heldout.h5" reference_split=all candidate="$run/mocks_$tag.h5" \
     out="$run/validate_$tag" max_maps=4000 overwrite=true progress=false memorization.training="$train_store" || true
   python pipelines/nbody.py bits --ckpt "$vckpt" --maps "$run/heldout.h5" --n 2000 --out "$run/bits_$tag.json"
+  python pipelines/nbody.py bands --ckpt "$vckpt" --maps "$run/heldout.h5" --mocks "$run/mocks_$tag.h5" --n 2000 \
+    --out "$run/bands_$tag.json"
 done
