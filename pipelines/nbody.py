@@ -248,16 +248,21 @@ def cmd_moments(a: argparse.Namespace) -> None:
     write_json(a.out, out, indent=2)
 
 
+def _squared_radii(model: KappaFlow, maps: np.ndarray) -> list[np.ndarray]:
+    """Per latent (finest split first, top last), each map's ``|z|²`` under the model's EMA Glow (float64)."""
+    sq: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for lo in range(0, len(maps), 250):
+            zs, _ = model.glow_ema(torch.as_tensor(maps[lo : lo + 250]))
+            sq.append([z.double().pow(2).flatten(1).sum(1).numpy() for z in zs])
+    return [np.concatenate([b[i] for b in sq]) for i in range(len(sq[0]))]
+
+
 def cmd_radii(a: argparse.Namespace) -> None:
     model = KappaFlow.load(a.ckpt)
     st, idx = _scored_maps(a)
-    sq: list[list[np.ndarray]] = []
-    with torch.no_grad():
-        for lo in range(0, idx.size, 250):
-            zs, _ = model.glow_ema(torch.as_tensor(st.read(idx[lo : lo + 250])))
-            sq.append([z.double().pow(2).flatten(1).sum(1).numpy() for z in zs])
     dims = [int(np.prod(s)) for s in model.glow_ema.latent_shapes]
-    q = [np.concatenate([b[i] for b in sq]) for i in range(len(dims))]
+    q = _squared_radii(model, st.read(idx))
     rows = {
         "latent_shapes": [list(s) for s in model.glow_ema.latent_shapes],
         "dispersion": [float((qi / d).std(ddof=1) / math.sqrt(2 / d)) for qi, d in zip(q, dims, strict=True)],
@@ -288,21 +293,7 @@ def cmd_bands(a: argparse.Namespace) -> None:
     chi_sd = float(torch.special.polygamma(1, torch.tensor(dim / 2, dtype=torch.float64)).sqrt() / 2)
     rows: dict[str, Any] = {"ell_edges": edges, "n_maps": {}}
     for name, maps in sets.items():
-        with torch.no_grad():
-            u = np.concatenate(
-                [
-                    0.5
-                    * np.log(
-                        model.glow_ema(torch.as_tensor(maps[lo : lo + 250]))[0][0]
-                        .double()
-                        .pow(2)
-                        .flatten(1)
-                        .sum(1)
-                        .numpy()
-                    )
-                    for lo in range(0, len(maps), 250)
-                ]
-            )
+        u = 0.5 * np.log(_squared_radii(model, np.asarray(maps))[0])
         p = _band_log_power(np.asarray(maps), pix, edges)
         c = np.corrcoef(np.column_stack([p, u]).T)
         r = c[-1, -2]
