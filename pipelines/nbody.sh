@@ -69,7 +69,7 @@ python pipelines/nbody.py bands --ckpt "$ckpt" --maps "$run/heldout.h5" --mocks 
 short="trainer.max_steps=1200"   # the previous config's training length: the rows below with it were measured there
 eight="model.steps=8"            # the previous depth: the ablations below were measured at it, 1,200 steps unless said
 old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"
-for variant in "seed=1" "seed=2" "seed=3" "$short" "$short seed=1" "$short seed=2" "$short seed=3" \
+for variant in "seed=1" "seed=2" "seed=3" "seed=4" "$short" "$short seed=1" "$short seed=2" "$short seed=3" \
   "$short model.steps=16" "$short model.amplitude_levels=4" "$short model.amplitude_levels=2" \
   "$short model.shift_scale=1.75" "$short model.amplitude_levels=4 model.shift_scale=1.75" \
   "$short model.amplitude_levels=4 model.shift_scale=2.0" "$short model.shift_scale=2.0" "$short model.shift_scale=2.5" \
