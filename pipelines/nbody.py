@@ -32,7 +32,7 @@ first, top last), the std of ``|z|²/D`` over maps against a χ² variable's ``s
 the latents' log radii across levels (0 under the model): a map whose power at every scale moves together shows as
 over-dispersed, correlated radii (what ``model.amplitude_levels`` couples).
 ``bands``: where the mocks' excess small-scale spread comes from. Per set (held-out maps, mocks), each map's log
-power in three ℓ bands (default (100, 500], (1300, 2000], (2300, ℓ_Nyquist]), their map-to-map std and
+C_ℓ in three ℓ bands, (100, 500], (1300, 2000] and (2300, ℓ_Nyquist], their map-to-map std and
 correlations, and the finest latent's log radius: its std against a χ variable's, its correlation with the top band,
 and the top band's std once the part the radius explains (linear regression) is removed. In the mocks the radius is
 χ-distributed by construction; what the rest of the model puts in the top band is the remainder.
@@ -58,6 +58,7 @@ from lensflow._util.atomic import write_json
 from lensflow.mapstore import MapStoreWriter, StoreMeta, open_store, write_store
 from lensflow.model import KappaFlow
 from lensflow.provenance import provenance
+from lensflow.stats import power_spectrum
 
 
 def cmd_gaussian_part(a: argparse.Namespace) -> None:
@@ -273,28 +274,24 @@ def cmd_radii(a: argparse.Namespace) -> None:
     print(json.dumps(rows))
 
 
-def _band_log_power(maps: np.ndarray, pixel_arcmin: float, edges: list[tuple[float, float]]) -> np.ndarray:
-    """[N, bands] log of each map's mean |FFT|² over the modes with ℓ in (lo, hi] (flat sky, ℓ = 2π|k|/pixel)."""
-    f = np.abs(np.fft.fft2(maps[:, 0].astype(np.float64))) ** 2
-    k = np.fft.fftfreq(maps.shape[-1])
-    ell = 2 * np.pi * np.hypot(*np.meshgrid(k, k, indexing="ij")) / math.radians(pixel_arcmin / 60)
-    return np.stack([np.log(f[:, (ell > lo) & (ell <= hi)].mean(1)) for lo, hi in edges], axis=1)
-
-
 def cmd_bands(a: argparse.Namespace) -> None:
     model = KappaFlow.load(a.ckpt)
     pix = model.meta.pixel_arcmin
     nyquist = math.pi / math.radians(pix / 60)
-    edges = [(100.0, 500.0), (1300.0, 2000.0), (2300.0, nyquist)]
+    # the bands are every other bin of these edges (C_ℓ's convention of lensflow.stats, so the log differs from the
+    # log mean |FFT|² by a constant: spreads and correlations are the same)
+    edges = [100.0, 500.0, 1300.0, 2000.0, 2300.0, nyquist]
     st, idx = _scored_maps(a)
     mocks = open_store(a.mocks)
+    if mocks.npix != model.npix:
+        raise ValueError(f"--mocks {a.mocks}: maps of {mocks.npix}² pixels, the model draws {model.npix}²")
     sets = {"heldout": st.read(idx), "mocks": mocks.read(np.arange(min(a.n, len(mocks))))}
     dim = int(np.prod(model.glow_ema.latent_shapes[0]))
     chi_sd = float(torch.special.polygamma(1, torch.tensor(dim / 2, dtype=torch.float64)).sqrt() / 2)
-    rows: dict[str, Any] = {"ell_edges": edges, "n_maps": {}}
+    rows: dict[str, Any] = {"ell_edges": [edges[i : i + 2] for i in (0, 2, 4)], "n_maps": {}}
     for name, maps in sets.items():
-        u = 0.5 * np.log(_squared_radii(model, np.asarray(maps))[0])
-        p = _band_log_power(np.asarray(maps), pix, edges)
+        u = 0.5 * np.log(_squared_radii(model, maps)[0])
+        p = np.log(np.asarray(power_spectrum(maps.astype(np.float64), pix, edges)[1])[:, 0, ::2])
         c = np.corrcoef(np.column_stack([p, u]).T)
         r = c[-1, -2]
         rows["n_maps"][name] = len(maps)
