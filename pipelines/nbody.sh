@@ -72,7 +72,8 @@ old="model.amplitude_levels=0 model.split_hidden=0 data.simulate.sim.n_boxes=16"
 for variant in "seed=1" "seed=2" "seed=3" "seed=4" "$short" "$short seed=1" "$short seed=2" "$short seed=3" \
   "$short model.steps=16" "$short model.amplitude_levels=4" "$short model.amplitude_levels=2" \
   "$short model.shift_scale=1.75" "$short model.amplitude_levels=4 model.shift_scale=1.75" \
-  "$short model.amplitude_levels=4 model.shift_scale=2.0" "$short model.shift_scale=2.0" "$short model.shift_scale=2.5" \
+  "$short model.amplitude_levels=4 model.shift_scale=2.0" "$short model.shift_scale=2.0" \
+  "$short model.shift_scale=2.5" \
   "$short $eight" "$short $eight seed=1" "$short $eight seed=2" \
   "$short $eight model.amplitude_levels=0" "$short $eight model.amplitude_levels=4" \
   "$short $eight model.amplitude_levels=0 seed=1" "$short $eight model.shift_scale=1.75 seed=1" \
